@@ -1,0 +1,1 @@
+"""estimators: see ../shared/DESIGN.md (filled by later issues)."""

@@ -1,0 +1,25 @@
+"""sparseloom: serve several DNNs at once on a heterogeneous edge SoC by stitching variants.
+
+The package is kept light to import: the public API lives in ``loom.api`` and is
+re-exported lazily, so ``import loom.errors`` (which every layer does) costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "Family", "Partition", "StitchedModel", "align", "evaluate_config", "evaluate_configs",
+    "init_family", "load_family", "load_partition", "make_variants", "merge_config",
+    "partition_family", "run_demo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from loom import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'loom' has no attribute {name!r}")

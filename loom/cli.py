@@ -1,0 +1,194 @@
+"""``loom``: a thin command-line shell over ``loom.api``.
+
+Every command maps to one API function; errors sparseloom raises on purpose
+(``LoomError``) are printed as one clear message with exit status 2, anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loom.errors import LoomError
+from loom.progress import say
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return [v / 100 if v > 1 else v for v in values]
+
+
+def _cuts(text: str) -> list[list[str]]:
+    """'a;b,c' -> [['a'], ['b', 'c']]: cuts separated by ';', tensors of one cut by ','."""
+    return [[t.strip() for t in cut.split(",") if t.strip()] for cut in text.split(";") if cut.strip()]
+
+
+def cmd_variants_init(a: argparse.Namespace) -> int:
+    from loom.variants import init_family
+
+    fam = init_family(a.dense, a.out, task=a.task, num_classes=a.num_classes, eval_file=a.eval,
+                      calib_file=a.calib, metric=a.metric, description=a.description)
+    print(f"wrote {fam.path} (dense accuracy {fam.variant('dense').accuracy:.4f})")
+    return 0
+
+
+def cmd_variants_make(a: argparse.Namespace) -> int:
+    from loom.variants import make_variants
+
+    fam = make_variants(a.family, unstructured=a.unstructured or [], structured=a.structured or [],
+                        int8=a.int8, fp16=a.fp16, source=a.source, progress=say)
+    _print_variants(fam)
+    return 0
+
+
+def cmd_variants_list(a: argparse.Namespace) -> int:
+    from loom.family import load_family
+
+    _print_variants(load_family(a.family))
+    return 0
+
+
+def _print_variants(fam) -> None:  # noqa: ANN001
+    print(f"{fam.task} ({fam.path}), metric {fam.manifest.metric.name}")
+    print(f"{'variant':<24}{'kind':<14}{'sparsity':>9}{'precision':>10}{'accuracy':>10}{'size KB':>10}")
+    for v in fam.variants:
+        acc = f"{100 * v.accuracy:.2f}%" if v.accuracy is not None else "-"
+        size = f"{(v.size_bytes or 0) / 1024:.0f}"
+        print(f"{v.name:<24}{v.kind:<14}{v.sparsity:>9.2f}{v.precision:>10}{acc:>10}{size:>10}")
+
+
+def cmd_partition(a: argparse.Namespace) -> int:
+    from loom.family import load_family
+    from loom.partition import align, partition_family
+
+    fam = load_family(a.family)
+    if a.candidates:
+        report = align(fam, max_tensors=a.max_tensors)
+        print(f"{len(report.aligned)} aligned cut(s) of {len(report.candidates)} candidate(s) in {fam.task}:")
+        for c in report.aligned:
+            print(f"  {c.macs_before:6.1%} of MACs before  {list(c.tensors)}")
+        for r in report.refusals:
+            print(f"  refused {r.tensors} in {r.variant}: {r.reason}")
+        return 0
+    out = Path(a.out) if a.out else Path("out/partitions") / fam.task
+    p = partition_family(fam, out, k=a.k, cuts=_cuts(a.cuts) if a.cuts else None,
+                         max_tensors=a.max_tensors, update_manifest=a.update_manifest, progress=say)
+    print(f"{fam.task}: K={p.k}, cuts {p.cuts}")
+    print(f"slot shares of MACs: {[round(s, 3) for s in p.slot_macs_share]}; {len(p.blocks)} distinct blocks")
+    for name, r in p.verification.items():
+        print(f"  {name:<24} chain vs variant: max |diff| {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:g})")
+    print(f"wrote {out / 'partition.yaml'}")
+    return 0
+
+
+def cmd_stitch(a: argparse.Namespace) -> int:
+    import onnx
+
+    from loom.partition import load_partition
+    from loom.stitch import evaluate_config, merge_config
+
+    p = load_partition(a.partition)
+    config = [v.strip() for v in a.config.split(",")]
+    if len(config) == 1:
+        config = config * p.k
+    result = {"config": config, "accuracy": evaluate_config(p, config, merged=not a.chained)}
+    if a.merged_out:
+        model = merge_config(p, config)
+        onnx.save(model, a.merged_out)
+        result["merged_model"] = a.merged_out
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_backends(a: argparse.Namespace) -> int:
+    from backends import available_backends
+
+    for name, (ok, why) in available_backends().items():
+        print(f"{name:<14} {'available' if ok else 'unavailable'}  {why}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from loom.demo import run_demo
+
+    run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, repeats=a.repeats, seed=a.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("variants", help="make and list a family's variants").add_subparsers(dest="sub", required=True)
+    p = v.add_parser("init", help="start a family from one dense ONNX and its data")
+    p.add_argument("dense")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--eval", default="eval.npz", help=".npz with x and y, relative to --out")
+    p.add_argument("--calib", default="calib.npz", help=".npz with x, relative to --out")
+    p.add_argument("--metric", choices=["top1", "agreement"], default="top1")
+    p.add_argument("--description", default="")
+    p.set_defaults(fn=cmd_variants_init)
+    p = v.add_parser("make", help="add post-training variants (no retraining)")
+    p.add_argument("family")
+    p.add_argument("--unstructured", type=_floats, help="sparsities, e.g. 0.5,0.8 (or 50,80)")
+    p.add_argument("--structured", type=_floats, help="channel shares to remove inside blocks")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--source", default="dense")
+    p.set_defaults(fn=cmd_variants_make)
+    p = v.add_parser("list")
+    p.add_argument("family")
+    p.set_defaults(fn=cmd_variants_list)
+
+    p = sub.add_parser("partition", help="find aligned cuts, cut every variant into K slots")
+    p.add_argument("family")
+    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("--out")
+    p.add_argument("--cuts", help="explicit cuts: 'a;b' (tensors of one cut joined by ',')")
+    p.add_argument("--max-tensors", type=int, default=2)
+    p.add_argument("--candidates", action="store_true", help="only list aligned and refused cuts")
+    p.add_argument("--update-manifest", action="store_true", help="record the aligned cuts in family.yaml")
+    p.set_defaults(fn=cmd_partition)
+
+    p = sub.add_parser("stitch", help="measure (and optionally merge) one stitched config")
+    p.add_argument("partition")
+    p.add_argument("--config", required=True, help="one variant per slot, e.g. int8,dense,unstructured-80")
+    p.add_argument("--chained", action="store_true", help="run as a chain of blocks instead of merged")
+    p.add_argument("--merged-out", help="write the merged ONNX model here")
+    p.set_defaults(fn=cmd_stitch)
+
+    p = sub.add_parser("backends", help="which backends can run here")
+    p.set_defaults(fn=cmd_backends)
+
+    p = sub.add_parser("demo", help="the main job on the embedded zoo")
+    p.add_argument("--zoo")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("--tasks", nargs="*")
+    p.add_argument("--max-configs", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LoomError as exc:
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

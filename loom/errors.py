@@ -1,0 +1,56 @@
+"""Typed errors. Every error sparseloom raises on bad input is a ``LoomError``.
+
+Each subclass also subclasses the builtin a caller would naturally catch, so
+``except ValueError`` keeps working for code that does not know sparseloom.
+"""
+
+from __future__ import annotations
+
+
+class LoomError(Exception):
+    """Base of every error sparseloom raises on purpose."""
+
+
+class ManifestError(LoomError, ValueError):
+    """A family manifest (``family.yaml``) is malformed. The message names the file and field."""
+
+
+class ConfigError(LoomError, ValueError):
+    """A YAML config or a device profile is malformed. The message names the file and field."""
+
+
+class ModelError(LoomError, ValueError):
+    """An ONNX file cannot be read, fails the checker, or lacks what is needed."""
+
+
+class AlignmentError(LoomError, ValueError):
+    """The variants of a family cannot be cut at the same places (or a cut changed meaning)."""
+
+
+class UnsupportedOpsError(LoomError, NotImplementedError):
+    """A backend cannot run some ops of a block. ``ops`` lists every one of them."""
+
+    def __init__(self, backend: str, block: str, ops: list[str]) -> None:
+        self.backend = backend
+        self.block = block
+        self.ops = sorted(set(ops))
+        super().__init__(
+            f"backend {backend!r} cannot run {len(self.ops)} op type(s) of {block}: "
+            + ", ".join(self.ops)
+        )
+
+
+class BackendUnavailableError(LoomError, RuntimeError):
+    """A backend is known but cannot run here (package, hardware or provider missing)."""
+
+
+class MissingDependencyError(LoomError, ImportError):
+    """An optional package is not installed. The message says what to pip install."""
+
+
+class BackendError(LoomError, RuntimeError):
+    """A backend failed while loading or running a block. Names the block and backend."""
+
+
+class NotFittedError(LoomError, AttributeError):
+    """An estimator was used before ``fit``."""

@@ -1,0 +1,1 @@
+"""placement: see ../shared/DESIGN.md (filled by later issues)."""
