@@ -1,0 +1,379 @@
+"""OpenVINO: Intel's engine, reading ONNX directly, on its CPU (or GPU/NPU) plugin.
+
+``openvino`` is optional: it is imported on first use through ``loom.compat.require``,
+so importing this module costs nothing and a missing package says what to install.
+
+Precision. OpenVINO's CPU plugin defaults to bf16 where the CPU has it (outputs then
+differ from onnxruntime by ~1e-2); ``precision="f32"`` (the default here) sets
+``INFERENCE_PRECISION_HINT=f32`` and matches onnxruntime to ~1e-6.
+
+Threads and cores (measured with OpenVINO 2026.4 on Linux). With one thread and the
+LATENCY hint, a synchronous ``infer`` runs every kernel on the calling thread, so the
+processor's worker pins itself with ``pin_current_thread()``, as for onnxruntime.
+``ENABLE_CPU_PINNING`` must then stay off: when on, OpenVINO re-pins the calling
+thread to cores of its own choosing (it moved a thread pinned to CPU 1 onto CPU 0),
+which overrides ``cores``. With more than one thread the extra work runs on TBB's
+worker threads, which are shared by the whole process and not pinned by this backend:
+``cores`` then only pins the calling thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from backends.base import (
+    Backend,
+    LoadedBlock,
+    ModelSource,
+    check_cores,
+    check_resident,
+    mark_released,
+    op_label,
+    output_dtypes,
+    read_source,
+    rss_bytes,
+    select_feeds,
+    warm_model,
+)
+from loom import compat
+from loom.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    ModelError,
+    UnsupportedOpsError,
+)
+
+PRECISIONS = ("f32", "bf16", "f16")
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+#: devices that stand for others ("AUTO:GPU,CPU"); their targets are checked by OpenVINO
+_VIRTUAL = ("AUTO", "MULTI", "HETERO", "BATCH")
+#: graph plumbing that every device "supports" and that has no ONNX op behind it
+_PLUMBING = {"Parameter", "Result", "Constant"}
+
+_core_lock = threading.Lock()
+_core_instance: Any = None
+_warmed: set[str] = set()
+
+
+def _ov() -> Any:
+    return compat.require("openvino")
+
+
+def _core() -> Any:
+    """One ``ov.Core`` per process: it is thread-safe, and each one loads the plugins again."""
+    global _core_instance
+    with _core_lock:
+        if _core_instance is None:
+            _core_instance = _ov().Core()
+        return _core_instance
+
+
+@dataclass
+class _Compiled:
+    """What a loaded block holds: the compiled model and its one infer request.
+
+    An infer request is not safe to use from two threads at once; the lock makes a
+    block shared by two workers correct (and costs nothing uncontended).
+    """
+
+    compiled: Any
+    request: Any
+    outputs: dict[str, Any]  # ONNX output name -> compiled model output port
+    dtypes: dict[str, np.dtype]
+    lock: threading.Lock
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on one device, with its inference precision, threads and cores."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        *,
+        device: str = "CPU",
+        precision: str = "f32",
+        threads: int = 1,
+        cores: list[int] | None = None,
+        performance_hint: str = "LATENCY",
+        cache_dir: str | None = None,
+        cpu_pinning: bool = False,
+    ) -> None:
+        ov = _ov()  # MissingDependencyError (an ImportError) saying what to pip install
+        if precision not in PRECISIONS:
+            raise ConfigError(f"openvino: precision {precision!r} is not one of {PRECISIONS}")
+        if performance_hint not in HINTS:
+            raise ConfigError(f"openvino: performance_hint {performance_hint!r} is not one of {HINTS}")
+        if threads < 1:
+            raise ConfigError(f"openvino: threads must be >= 1, got {threads}")
+        self.cores = check_cores(cores)
+        if cpu_pinning and self.cores is not None:
+            raise ConfigError(
+                "openvino: cpu_pinning=True lets OpenVINO choose the cores itself, which "
+                "overrides cores=...; use one or the other"
+            )
+        available = list(_core().available_devices)
+        if not _device_present(device, available):
+            raise BackendUnavailableError(
+                f"openvino device {device!r} is not available here; devices: {available}"
+            )
+        self.device = device
+        self.precision = precision
+        self.threads = int(threads)
+        self.performance_hint = performance_hint
+        self.cache_dir = cache_dir
+        self.cpu_pinning = cpu_pinning
+        self._version = ov.__version__
+
+    # --- protocol -------------------------------------------------------------------
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        try:
+            ov = _ov()
+            devices = list(_core().available_devices)
+        except ImportError as exc:  # MissingDependencyError included
+            return False, str(exc)
+        except Exception as exc:  # a broken install or plugin
+            return False, f"openvino is installed but does not start: {type(exc).__name__}: {exc}"
+        if not devices:
+            return False, f"openvino {ov.__version__} sees no device"
+        return True, f"openvino {ov.__version__}, devices {devices}"
+
+    def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
+        """Ops the ONNX frontend cannot convert, else ops the device cannot run.
+
+        Conversion comes first: an op with no conversion rule stops ``read_model``, and
+        the frontend's partial conversion then lists every such op. Once converted,
+        ``query_model`` says which nodes the device takes; the refused ones are mapped
+        back to the ONNX op that produced them (the CPU plugin takes everything).
+        """
+        src = model if isinstance(model, ModelSource) else read_source(model)
+        try:
+            ov_model = self._read(src)
+        except UnsupportedOpsError as exc:
+            return exc.ops
+        return self._device_unsupported(ov_model, src.proto)
+
+    def load(
+        self, model: onnx.ModelProto | str | Path | bytes, *, block_id: str | None = None
+    ) -> LoadedBlock:
+        """Convert, check, compile; ``memory_bytes`` is the RSS growth across all three.
+
+        The converted ``ov.Model`` is dropped once compiled; what the allocator keeps of
+        it still counts, so this can overstate residency a little (it is a measurement).
+        """
+        src = read_source(model, block_id)
+        config = self._config()
+        self._warm_up(config)
+        before = rss_bytes()
+        t0 = time.perf_counter()
+        ov_model = self._read(src)
+        bad = self._device_unsupported(ov_model, src.proto)
+        if bad:
+            raise UnsupportedOpsError(self.name, src.name, bad)
+        try:
+            compiled = _core().compile_model(ov_model, self.device, config)
+            request = compiled.create_infer_request()
+        except Exception as exc:
+            raise BackendError(f"{src.name}: openvino cannot compile it for {self.device}: {exc}") from exc
+        del ov_model
+        inputs = _graph_inputs(src.proto)
+        outputs: dict[str, Any] = {}
+        try:
+            for name in inputs:
+                compiled.input(name)
+            for out in src.proto.graph.output:
+                # by tensor name, not position or get_any_name(): a tensor may carry
+                # several names, and OpenVINO may reorder results
+                outputs[out.name] = compiled.output(out.name)
+        except Exception as exc:
+            raise BackendError(
+                f"{src.name}: openvino renamed a graph input or output ({exc}); names are how blocks connect"
+            ) from exc
+        seconds = time.perf_counter() - t0
+        memory = max(0, rss_bytes() - before)
+        handle = _Compiled(compiled, request, outputs, output_dtypes(src.proto), threading.Lock())
+        return LoadedBlock(
+            block_id=src.name,
+            backend=self.name,
+            input_names=inputs,
+            output_names=list(outputs),
+            handle=handle,
+            memory_bytes=memory,
+            load_seconds=seconds,
+            info={
+                "device": self.device,
+                # what the plugin really chose: a hint it cannot honour is silently changed
+                "precision": _prop(compiled, "INFERENCE_PRECISION_HINT"),
+                "threads": _prop(compiled, "INFERENCE_NUM_THREADS"),
+                "execution_devices": _prop(compiled, "EXECUTION_DEVICES"),
+                "cores": self.cores,
+                "config": {k: str(v) for k, v in config.items()},
+            },
+        )
+
+    def run(self, block: LoadedBlock, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        handle: _Compiled = check_resident(block)
+        inputs = select_feeds(block, feeds)
+        with handle.lock:
+            try:
+                # share_outputs=False: the arrays are copies, not views of the request's
+                # buffers, which the next infer overwrites
+                result = handle.request.infer(inputs, share_outputs=False)
+            except Exception as exc:
+                raise BackendError(
+                    f"block {block.block_id} on {self.name} ({self.device}) failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            out: dict[str, np.ndarray] = {}
+            for name, port in handle.outputs.items():
+                arr = np.asarray(result[port])
+                want = handle.dtypes[name]
+                out[name] = arr if arr.dtype == want else arr.astype(want)
+        return out
+
+    def release(self, block: LoadedBlock) -> None:
+        mark_released(block)
+        gc.collect()
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "backend": self.name,
+            "version": self._version,
+            "device": self.device,
+            "precision": self.precision,
+            "threads": self.threads,
+            "cores": self.cores,
+            "performance_hint": self.performance_hint,
+            "cpu_pinning": self.cpu_pinning,
+        }
+        with contextlib.suppress(Exception):  # virtual devices have no single name
+            info["device_name"] = str(_core().get_property(self.device, "FULL_DEVICE_NAME"))
+        return info
+
+    # --- internals ------------------------------------------------------------------
+
+    def _warm_up(self, config: dict[str, Any]) -> None:
+        """Load the device plugin before the first measured load (~20 MB on the CPU here)."""
+        with _core_lock:
+            if self.device in _warmed:
+                return
+            _warmed.add(self.device)
+        with contextlib.suppress(Exception):  # the real load reports real problems
+            _core().compile_model(_core().read_model(warm_model().SerializeToString()), self.device, config)
+
+    def _config(self) -> dict[str, Any]:
+        wanted: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": self.performance_hint,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "ENABLE_CPU_PINNING": self.cpu_pinning,
+        }
+        try:
+            supported = set(_core().get_property(self.device, "SUPPORTED_PROPERTIES"))
+        except Exception:
+            supported = set(wanted)
+        # GPU/NPU plugins reject CPU-only keys (threads, pinning) instead of ignoring them
+        config = {k: v for k, v in wanted.items() if k in supported}
+        if self.cache_dir:
+            config["CACHE_DIR"] = str(self.cache_dir)  # a core property, accepted per compile
+        return config
+
+    def _read(self, src: ModelSource) -> Any:
+        """ONNX -> ov.Model; every op without a conversion rule -> ``UnsupportedOpsError``."""
+        core = _core()
+        try:
+            if isinstance(src.data, str):
+                return core.read_model(src.data)
+            return core.read_model(model=src.data, weights=b"")
+        except Exception as exc:
+            bad = _unconverted_ops(src)
+            if bad:
+                raise UnsupportedOpsError(self.name, src.name, bad) from exc
+            raise ModelError(f"{src.name}: openvino cannot read it: {exc}") from exc
+
+    def _device_unsupported(self, ov_model: Any, proto: onnx.ModelProto) -> list[str]:
+        try:
+            taken = _core().query_model(ov_model, self.device)
+        except Exception as exc:
+            raise BackendError(f"openvino cannot query {self.device} about {proto.graph.name!r}: {exc}") from exc
+        labels = _onnx_labels(proto)
+        bad: set[str] = set()
+        for op in ov_model.get_ops():
+            name = op.get_friendly_name()
+            if name in taken or op.get_type_name() in _PLUMBING:
+                continue
+            bad.add(labels.get(name) or f"openvino:{op.get_type_name()}")
+        return sorted(bad)
+
+
+def _device_present(device: str, available: list[str]) -> bool:
+    root = device.split(":")[0].split(".")[0]
+    if root in _VIRTUAL:
+        return True
+    return device in available or any(d.split(".")[0] == device for d in available)
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Graph inputs a caller feeds (old IRs also list initializers as inputs)."""
+    constants = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in constants]
+
+
+def _onnx_labels(proto: onnx.ModelProto) -> dict[str, str]:
+    """OpenVINO names a converted node after the ONNX node, or after its output tensor."""
+    labels: dict[str, str] = {}
+    for node in proto.graph.node:
+        label = op_label(node.domain, node.op_type)
+        for out in node.output:
+            labels[out] = label
+        if node.name:
+            labels[node.name] = label
+    return labels
+
+
+def _unconverted_ops(src: ModelSource) -> list[str]:
+    """Every ONNX op the frontend has no rule for, from a partial conversion.
+
+    The frontend leaves such nodes in the graph as framework nodes that remember the
+    ONNX op (``ONNX_META_type``/``ONNX_META_domain``): read those rather than parse the
+    error message. Empty when the partial conversion itself fails (a broken model).
+    """
+    ov = _ov()
+    try:
+        fe = ov.frontend.FrontEndManager().load_by_framework("onnx")
+        source = src.data if isinstance(src.data, str) else io.BytesIO(src.data)
+        partial = fe.convert_partially(fe.load(source))
+    except Exception:
+        return []
+    bad: set[str] = set()
+    for op in partial.get_ops():
+        try:
+            attrs = op.get_attributes()
+        except Exception:  # ops whose attributes Python cannot render
+            continue
+        if "ONNX_META_type" in attrs:
+            bad.add(op_label(str(attrs.get("ONNX_META_domain", "")), str(attrs["ONNX_META_type"])))
+    return sorted(bad)
+
+
+def _prop(compiled: Any, key: str) -> Any:
+    try:
+        value = compiled.get_property(key)
+    except Exception:
+        return None
+    if hasattr(value, "get_type_name"):  # an ov.Type prints as "<Type: 'float32'>"
+        return value.get_type_name()
+    return value if isinstance(value, (int, float, bool, list)) else str(value)
