@@ -315,11 +315,18 @@ def _ort_schemas() -> dict[tuple[str, str], list[int]]:
     return table
 
 
+#: Ops onnxruntime resolves while building the graph, so no kernel exists for them:
+#: ``Constant`` nodes become initializers at session creation.
+_GRAPH_LEVEL_OPS = {("", "Constant")}
+
+
 def _supported(
     key: tuple[str, str], opset: int | None, kernels: dict[tuple[str, str], list[tuple[int, int]]]
 ) -> bool:
     """Whether a kernel covers the op's version at ``opset``, or its ONNX function can be inlined."""
     domain, op = key
+    if key in _GRAPH_LEVEL_OPS:
+        return True
     ranges = kernels.get(key, [])
     if opset is None:  # the model does not import the domain: the version is unknown
         return bool(ranges)

@@ -33,29 +33,49 @@ Progress = Callable[[str], None]
 # -- meaning of a cut ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class CutTolerance:
-    """How far a variant's activations at a cut may drift from the dense variant's.
+    """When a variant's activations at a cut no longer mean what the dense variant's mean.
 
-    Pruned and quantized variants are fine-tuned or calibrated from the dense model, so
-    their activations at a shared cut stay close in direction (cosine) and scale; a cut
-    whose meaning moved (PROBE.md: a quantizer fused the ReLU, leaving the pre-ReLU value
-    at the cut) shows as negative values where the dense model has none, and a low cosine.
+    Fine-tuned and quantized variants drift from the dense model, the more so the deeper
+    the cut and the harder the compression, and stitching across such drift costs
+    accuracy that the accuracy estimator has to learn, not a reason to forbid the cut.
+    What the check refuses is a changed *meaning*:
+
+    - values below zero where the dense model's are all >= 0 (PROBE.md: a quantizer
+      fused the ReLU, leaving the pre-ReLU value at the cut);
+    - activations that match the dense variant's on the same input no better than the
+      dense variant's own activations on *other* inputs do (a permuted, transposed or
+      simply different tensor under the same name): median per-sample Pearson
+      correlation must exceed that baseline by ``min_correlation_margin``;
+    - a scale off by more than ``max_norm_ratio``.
     """
 
-    min_cosine: float = 0.75
+    min_correlation_margin: float = 0.0
     max_norm_ratio: float = 2.0
     #: extra share of negative values allowed where the dense activations are all >= 0
     max_negative_share: float = 0.01
 
 
+def _rowwise_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ac, bc = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    den = np.linalg.norm(ac, axis=1) * np.linalg.norm(bc, axis=1)
+    return (ac * bc).sum(axis=1) / np.maximum(den, 1e-12)
+
+
 def cut_drift(dense: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Per-sample cosine, norm ratio and negative share of ``other`` against ``dense``."""
+    """How ``other`` (a variant's activations at a cut) differs from ``dense``, per sample.
+
+    ``baseline_correlation`` is the dense activations' correlation with themselves on a
+    different input (samples rolled by one): what "unrelated" looks like at this cut.
+    """
     d = dense.reshape(len(dense), -1).astype(np.float64)
     o = other.reshape(len(other), -1).astype(np.float64)
     dn = np.linalg.norm(d, axis=1)
     on = np.linalg.norm(o, axis=1)
-    cos = (d * o).sum(axis=1) / np.maximum(dn * on, 1e-12)
+    baseline = float(np.median(_rowwise_correlation(d, np.roll(d, 1, axis=0)))) if len(d) > 1 else -1.0
     return {
-        "cosine": float(np.median(cos)),
+        "correlation": float(np.median(_rowwise_correlation(d, o))),
+        "baseline_correlation": baseline,
+        "cosine": float(np.median((d * o).sum(axis=1) / np.maximum(dn * on, 1e-12))),
         "norm_ratio": float(np.median(on / np.maximum(dn, 1e-12))),
         "dense_negative_share": float((d < 0).mean()),
         "negative_share": float((o < 0).mean()),
@@ -70,8 +90,12 @@ def meaning_problem(drift: dict[str, float], tol: CutTolerance) -> str | None:
             f"{drift['negative_share']:.0%} of this variant's are negative: an activation "
             f"was fused or moved across the cut"
         )
-    if drift["cosine"] < tol.min_cosine:
-        return f"activations drift from the dense variant's (median cosine {drift['cosine']:.3f} < {tol.min_cosine})"
+    if drift["correlation"] <= drift["baseline_correlation"] + tol.min_correlation_margin:
+        return (
+            f"activations match the dense variant's on the same input (correlation "
+            f"{drift['correlation']:.3f}) no better than the dense variant's own activations on "
+            f"other inputs do ({drift['baseline_correlation']:.3f}): not the same tensor"
+        )
     ratio = drift["norm_ratio"]
     if not (1 / tol.max_norm_ratio <= ratio <= tol.max_norm_ratio):
         return f"activation scale differs from the dense variant's by x{ratio:.2f}"

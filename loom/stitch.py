@@ -10,7 +10,6 @@ engine fuse across the cuts (PROBE.md: ~14 us per session.run).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -180,10 +179,6 @@ def evaluate_config(
         dense = family.reference_variant().name
         reference = run_batched(session(load_model(family.variant_path(dense)), name=dense), feeds)[out_name]
     return top1_accuracy(logits, reference.argmax(-1))
-
-
-def block_path(partition: Partition, variant: str, slot: int) -> Path:
-    return partition.block_path(partition.variants[variant][slot])
 
 
 def evaluate_configs(

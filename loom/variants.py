@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,13 @@ def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
         for x in n.input:
             readers.setdefault(x, []).append(i)
     outputs = {o.name for o in g.output}
+    # Scalars written by Constant nodes (GELU's 0.5, 1/sqrt(2), 1.0 in torch exports)
+    scalars = {
+        n.output[0] for n in g.node
+        if n.op_type == "Constant" and any(
+            a.name == "value" and int(np.prod(a.t.dims)) == 1 for a in n.attribute
+        )
+    }
     groups = []
     for p, node in enumerate(g.node):
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
@@ -160,7 +168,7 @@ def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
             continue
         axis = 1 if node.op_type == "Conv" or (node.op_type == "Gemm") else rank - 1
         group = ChannelGroup(producer=p, channels=channels, axis=axis)
-        if _grow(group, g, node.output[0], inits, readers, outputs, rank):
+        if _grow(group, g, node.output[0], inits, readers, outputs, rank, scalars):
             groups.append(group)
     return groups
 
@@ -172,7 +180,14 @@ def _per_channel_ok(shape: Sequence[int], channels: int, axis: int, rank: int) -
     return len(aligned) == rank and aligned[axis] == channels and int(np.prod(aligned)) == channels
 
 
-def _grow(group, g, start, inits, readers, outputs, rank) -> bool:  # noqa: ANN001
+def _grow(group, g, start, inits, readers, outputs, rank, scalars) -> bool:  # noqa: ANN001
+    """Collect the channelwise region fed by ``start`` and its weighted sinks; False if not internal.
+
+    First the region is grown forward (through channelwise ops, stopping at weighted
+    ops), then every region node's other inputs are checked: each must be a region
+    tensor, a scalar or a per-channel constant. Checking only after growing matters for
+    GELU, whose final Mul reads two region tensors reached along different paths.
+    """
     region_tensors = {start}
     frontier = [start]
     while frontier:
@@ -191,20 +206,22 @@ def _grow(group, g, start, inits, readers, outputs, rank) -> bool:  # noqa: ANN0
                 group.sinks.append((c, w_axis))
                 continue
             if node.op_type not in CHANNELWISE:
-                return False
-            data_inputs = node.input[:1] if node.op_type == "BatchNormalization" else node.input
-            for x in data_inputs:
-                if not x or x in region_tensors:
-                    continue
-                if x in inits and _per_channel_ok(inits[x].dims, group.channels, group.axis, rank):
-                    continue
-                return False  # mixes with a full-width tensor (a residual add): not internal
-            if node.op_type == "BatchNormalization" and any(x not in inits for x in node.input[1:]):
-                return False
+                return False  # a reshape, a pooling over channels, a concat...: not internal
             group.region.append(c)
-            for o in node.output[:1]:
-                region_tensors.add(o)
-                frontier.append(o)
+            region_tensors.add(node.output[0])
+            frontier.append(node.output[0])
+    for c in group.region:
+        node = g.node[c]
+        if node.op_type == "BatchNormalization":
+            if any(x not in inits for x in node.input[1:]):
+                return False
+            continue
+        for x in node.input:
+            if not x or x in region_tensors or x in scalars:
+                continue
+            if x in inits and _per_channel_ok(inits[x].dims, group.channels, group.axis, rank):
+                continue
+            return False  # mixes with a full-width tensor (a residual add): not internal
     return bool(group.sinks)
 
 
@@ -368,9 +385,12 @@ def convert_fp16(model: onnx.ModelProto, *, preserve: Sequence[str] = ()) -> onn
     src = _copy(model)
     _name_nodes(src)
     del src.graph.value_info[:]
-    out = float16.convert_float_to_float16(
-        src, keep_io_types=True, node_block_list=_writers(src, preserve), disable_shape_infer=False
-    )
+    with warnings.catch_warnings():
+        # "the float32 number 6.9e-08 will be truncated to 1e-07": expected of fp16, per weight
+        warnings.simplefilter("ignore", UserWarning)
+        out = float16.convert_float_to_float16(
+            src, keep_io_types=True, node_block_list=_writers(src, preserve), disable_shape_infer=False
+        )
     _restore_names(src, out, preserve)
     out.ir_version = min(out.ir_version, 10)
     return out
@@ -476,8 +496,12 @@ def add_variant(
     made_by: str = "",
 ) -> Variant:
     """Record (or replace) a variant whose file is already in the family folder; measure it."""
-    path = Path(path)
-    model = load_model(path)
+    path = Path(path).resolve()
+    try:
+        file = str(path.relative_to(family.root.resolve()))
+    except ValueError:
+        raise ManifestError(f"{path}: a variant's file must be inside the family folder {family.root}") from None
+    load_model(path)
     reference = None
     if family.manifest.metric.name == "agreement":
         dense = family.variant_path(family.reference_variant().name)
@@ -487,13 +511,13 @@ def add_variant(
         ]
     variant = Variant(
         name=name,
-        file=str(path.relative_to(family.root)) if path.is_absolute() else str(path),
+        file=file,
         kind=kind,  # type: ignore[arg-type]
-        sparsity=round(weight_sparsity(model) if sparsity is None else sparsity, 4),
+        sparsity=round(weight_sparsity(load_model(path)) if sparsity is None else sparsity, 4),
         precision=precision,  # type: ignore[arg-type]
         made_by=made_by,
-        accuracy=round(measure_accuracy(family, path if path.is_absolute() else family.root / path, reference=reference), 5),
-        size_bytes=(path if path.is_absolute() else family.root / path).stat().st_size,
+        accuracy=round(measure_accuracy(family, path, reference=reference), 5),
+        size_bytes=path.stat().st_size,
     )
     others = [v for v in family.manifest.variants if v.name != name]
     family.manifest.variants = [*others, variant] if len(others) == len(family.manifest.variants) else [
@@ -532,16 +556,20 @@ def make_variants(
         save_model(pruned, family.root / f"{name}.onnx")
         add_variant(family, name, family.root / f"{name}.onnx", kind="structured", sparsity=s,
                     made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
+    suffix = "" if source == "dense" else f"{source}-"
+    src_sparsity = family.variant(source).sparsity
     if int8:
-        say(f"{family.task}: int8")
+        name = f"{suffix}int8"
+        say(f"{family.task}: {name}")
         calib = family.calib_data()
-        save_model(quantize_int8(base, calib, preserve=keep), family.root / "int8.onnx")
-        add_variant(family, "int8", family.root / "int8.onnx", kind="int8", precision="int8", sparsity=0.0,
+        save_model(quantize_int8(base, calib, preserve=keep), family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="int8", precision="int8", sparsity=src_sparsity,
                     made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel int8 weights, "
                             f"{len(calib)} calibration samples), cut tensors {keep} kept float")
     if fp16:
-        say(f"{family.task}: fp16")
-        save_model(convert_fp16(base, preserve=keep), family.root / "fp16.onnx")
-        add_variant(family, "fp16", family.root / "fp16.onnx", kind="fp16", precision="fp16", sparsity=0.0,
+        name = f"{suffix}fp16"
+        say(f"{family.task}: {name}")
+        save_model(convert_fp16(base, preserve=keep), family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="fp16", precision="fp16", sparsity=src_sparsity,
                     made_by=f"loom: float16 conversion of {source} (onnxconverter-common), float32 at inputs, outputs and cuts")
     return family
