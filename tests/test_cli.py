@@ -51,3 +51,19 @@ def test_backends_command(capsys):
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_variants_init_and_make(tmp_path, capsys):
+    import onnx
+    from synth import residual_cnn, write_family_data
+
+    model = residual_cnn()
+    folder = tmp_path / "fam"
+    write_family_data(folder, model)
+    onnx.save(model, tmp_path / "model.onnx")
+    assert main(["variants", "init", str(tmp_path / "model.onnx"), "--out", str(folder), "--task", "demo-task",
+                 "--num-classes", "5"]) == 0
+    assert main(["variants", "make", str(folder), "--unstructured", "30,60", "--int8"]) == 0
+    out = capsys.readouterr().out
+    for name in ("unstructured-30-pt", "unstructured-60-pt", "int8"):
+        assert name in out and (folder / f"{name}.onnx").is_file()
