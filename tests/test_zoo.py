@@ -46,8 +46,12 @@ def test_family_is_complete(task):
 @pytest.mark.parametrize("task", TASKS)
 def test_recorded_accuracy_is_what_the_model_scores(task):
     fam = load_family(ZOO / task)
+    n = len(fam.eval_data()[0])
     for v in fam.variants:
-        assert measure_accuracy(fam, fam.variant_path(v.name)) == pytest.approx(v.accuracy, abs=1e-4), v.name
+        # int8/fp16 kernels differ by instruction set (AVX2, AVX512-VNNI, ...): rounding may
+        # flip a borderline sample or two, never more (see quantize_int8's reduce_range).
+        tol = 1e-4 if v.precision == "fp32" else 2.5 / n
+        assert measure_accuracy(fam, fam.variant_path(v.name)) == pytest.approx(v.accuracy, abs=tol), v.name
 
 
 @pytest.mark.parametrize("task", TASKS)
