@@ -122,6 +122,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from loom.device import load_device_profile
+    from loom.family import load_family
+    from loom.paths import default_zoo, zoo_tasks
+    from loom.profile import ensure_partitions, format_summary, profile_device, summarize
+
+    device = load_device_profile(a.device)
+    if a.family:
+        families = [load_family(f) for f in a.family]
+    else:
+        zoo = Path(a.zoo) if a.zoo else default_zoo()
+        families = [load_family(zoo / t) for t in zoo_tasks(zoo)]
+    partitions = ensure_partitions(families, a.partitions, k=a.k)
+    out = Path(a.out) if a.out else Path("profiles/data") / device.name
+    data = profile_device(partitions, device, out, warmup=a.warmup, repeats=a.repeats,
+                          config_samples=a.config_samples, seed=a.seed, resume=not a.no_resume,
+                          allow_mixed=a.allow_mixed, processors=a.processor)
+    print(format_summary(summarize(data)))
+    print(f"wrote {out / 'blocks.csv'}, {out / 'configs.csv'} and {out / 'meta.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backends", help="which backends can run here")
     p.set_defaults(fn=cmd_backends)
+
+    p = sub.add_parser("profile", help="measure every block on a device's processors, and a sample of placed configs")
+    p.add_argument("--device", default="host", help="a profile name under profiles/ (host) or a YAML path")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--zoo", help="every family of this zoo (default: the embedded zoo)")
+    src.add_argument("--family", action="append", help="a family folder or family.yaml (repeatable)")
+    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("--out", help="dataset folder (default profiles/data/<device>)")
+    p.add_argument("--partitions", default="out/partitions",
+                   help="where partitions are found, or made, as <dir>/<task> (keep it out of git: blocks are large)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--config-samples", type=int, default=20, help="random configs x placements per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processor", action="append", help="profile only this processor of the device (repeatable)")
+    p.add_argument("--allow-mixed", action="store_true", help="add rows measured on other hardware or software")
+    p.add_argument("--no-resume", action="store_true", help="start the dataset over (deletes its rows)")
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("demo", help="the main job on the embedded zoo")
     p.add_argument("--zoo")

@@ -54,3 +54,7 @@ class BackendError(LoomError, RuntimeError):
 
 class NotFittedError(LoomError, AttributeError):
     """An estimator was used before ``fit``."""
+
+
+class ProfileMismatchError(LoomError, ValueError):
+    """A profile dataset was measured on other hardware or software than this run. Names what differs."""
