@@ -144,6 +144,56 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+def _families(a: argparse.Namespace) -> list:
+    from loom.family import load_family
+    from loom.paths import default_zoo, zoo_tasks
+
+    if getattr(a, "family", None):
+        return [load_family(f) for f in a.family]
+    zoo = Path(a.zoo) if getattr(a, "zoo", None) else default_zoo()
+    return [load_family(zoo / t) for t in zoo_tasks(zoo)]
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from loom.device import load_device_profile
+    from loom.estimate import fit_estimates
+    from loom.profile import ensure_partitions, load_profile_dataset
+
+    device = load_device_profile(a.device)
+    data = load_profile_dataset(a.data or Path("profiles/data") / device.name)
+    partitions = ensure_partitions(_families(a), a.partitions, k=a.k)
+    est = fit_estimates(partitions, data, device, samples=a.samples, strategy=a.strategy, seed=a.seed, progress=say)
+    out = Path(a.out) if a.out else Path("out/estimates") / device.name
+    est.save(out)
+    for task, n in est.notes["accuracy"].items():
+        print(f"{task}: accuracy estimator from {n['measured_configs']} measured stitched configs of "
+              f"{n['space']} ({n['strategy']}, {n['seconds']:.1f} s)")
+    print(f"latency estimator from {est.notes['latency']['train_rows']} measured (block, processor) pairs")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from loom.estimate import Estimates
+
+    est = Estimates.load(a.estimates)
+    results = []
+    for config in a.config:
+        placement = a.placement.split(",")
+        results.append(est.predict(a.task, config.split(","), placement))
+    if a.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+        return 0
+    for r in results:
+        parts = " + ".join(f"{ms:.3f}" for ms in r["block_ms"])
+        hops = sum(r["transfer_ms"])
+        src = "measured" if r["accuracy_measured"] else "predicted"
+        print(f"{r['task']} {','.join(r['config'])} on {','.join(r['placement'])}: "
+              f"{r['latency_ms']:.3f} ms (blocks {parts}, hand-offs {hops:.3f}, dispatch {r['dispatch_ms']:.3f}); "
+              f"accuracy {100 * r['accuracy']:.2f}% ({src})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -208,6 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed", action="store_true", help="add rows measured on other hardware or software")
     p.add_argument("--no-resume", action="store_true", help="start the dataset over (deletes its rows)")
     p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("fit", help="fit the latency and accuracy estimators from a profile dataset and a few measured configs")
+    p.add_argument("--device", default="host", help="a profile name under profiles/ (host) or a YAML path")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--zoo", help="every family of this zoo (default: the embedded zoo)")
+    src.add_argument("--family", action="append", help="a family folder or family.yaml (repeatable)")
+    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("--data", help="profile dataset folder (default profiles/data/<device>)")
+    p.add_argument("--partitions", default="out/partitions")
+    p.add_argument("--samples", type=int, help="stitched configs measured per task (default: 5%% of the space, at most 50)")
+    p.add_argument("--strategy", choices=["active", "stratified", "random"], default="active",
+                   help="how the configs to measure are chosen")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="estimates folder (default out/estimates/<device>)")
+    p.set_defaults(fn=cmd_fit)
+
+    p = sub.add_parser("predict", help="predicted latency and accuracy of a config on a placement")
+    p.add_argument("--estimates", default="out/estimates/host", help="a folder written by `loom fit`")
+    p.add_argument("--task", required=True)
+    p.add_argument("--config", required=True, action="append",
+                   help="one variant per slot, e.g. int8,dense,unstructured-80 (repeatable)")
+    p.add_argument("--placement", required=True,
+                   help="one processor per slot, e.g. cpu0-ort,cpu1-ov,cpu1-ov (one name: every slot there)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on the embedded zoo")
     p.add_argument("--zoo")

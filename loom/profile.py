@@ -39,7 +39,8 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -966,6 +967,46 @@ def _measure_config(
         row.update(status="error", error=_one_line(exc))
     row["measured_at"] = _now()
     return row
+
+
+def measure_placed_configs(
+    part: Partition,
+    pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]],
+    device: DeviceProfile,
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    latency: Mapping[tuple[str, str, str], float] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure (config, placement) pairs of one partition end to end, as ``profile_device`` does.
+
+    For checking predictions on configs the estimators never saw, and for timing
+    exhaustive profiling. ``latency``: block medians by (partition ref, block id,
+    processor), for the rows' ``sum_blocks_ms`` (0 without). Rows as in ``configs.csv``
+    plus ``wall_s``, the time each pair took to measure.
+    """
+    ref = partition_ref(part.root)
+    table: Mapping[tuple[str, str, str], float] = latency if latency is not None else defaultdict(float)
+    rows: list[dict[str, Any]] = []
+    pool = WorkerPool(device)
+    resident: Resident = {}
+    bar = Progress(len(pairs), f"{part.task}: placed configs", enabled=progress)
+    try:
+        for proc in dict.fromkeys(p for _, pl in pairs for p in pl):
+            _warm_worker(pool[proc])
+        feeds = slot_inputs(part, part.family())[0]
+        for config, placement in pairs:
+            t0 = time.perf_counter()
+            row = _measure_config(part, ref, tuple(config), tuple(placement), pool, resident, feeds, table,  # type: ignore[arg-type]
+                                  warmup=warmup, repeats=repeats)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            bar.update(note=row["placement"])
+    finally:
+        _release_all(pool, resident)
+        pool.close()
+    return rows
 
 
 def _release_all(pool: WorkerPool, resident: Resident) -> None:

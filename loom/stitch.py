@@ -187,6 +187,7 @@ def evaluate_configs(
     family: Family | None = None,
     *,
     on_done: Callable[[Config, float], None] | None = None,
+    sessions: dict[str, object] | None = None,
 ) -> dict[Config, float]:
     """The metric of many configs at once, sharing the work of common prefixes.
 
@@ -194,6 +195,9 @@ def evaluate_configs(
     computed once for every distinct prefix, so measuring all ``V**K`` configs costs
     about ``V**K / K`` full-model evaluations instead of ``V**K``. Blocks run on the
     reference engine (onnxruntime CPU), exactly the blocks the chain runs.
+
+    ``sessions``: a dict kept by the caller across calls (block id -> session), so that
+    measuring configs a few at a time (active sampling) does not reload every block.
     """
     family = family or partition.family()
     x, y = family.eval_data()
@@ -208,7 +212,8 @@ def evaluate_configs(
         dense = family.reference_variant().name
         ref = run_batched(session(load_model(family.variant_path(dense)), name=dense), {input_name: x})
         labels = ref[out_name].argmax(-1)
-    sessions: dict[str, object] = {}
+    if sessions is None:
+        sessions = {}
 
     def run_block(bid: str, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if bid not in sessions:
