@@ -1,0 +1,143 @@
+"""What a policy is, and the two shapes the baselines come in.
+
+A ``Policy`` says which plans of a task the runtime may use under an SLO:
+``candidates(space, latency_ms=..., accuracy_floor=...)`` returns them best-first.
+``adaptive`` policies let the scheduler pick one per request among all of them (by
+queue state); static ones always run the first. The flags ``stitched`` (configs may
+mix variants), ``partitioned`` (slots may sit on different processors) and
+``preload`` (the hot-block preloader is on) describe the policy for reports.
+
+Conventions shared by every policy here:
+
+* "Original variant" means a uniform config; its accuracy is the variant's measured
+  accuracy where the space has it (``plan_accuracies``).
+* Adaptive candidates are the Pareto front (latency, accuracy, memory) of the plans
+  the policy allows that meet the floor and the bound, fastest first. Since memory is
+  charged per block, one config on two processors costs the same memory, so the front
+  keeps only its faster placement: adaptivity is across configs, not processors (the
+  joint ``assign`` is where load spreads across processors).
+* When no allowed plan meets both: the fastest plan meeting the floor (it will miss
+  the bound); when none meets the floor, the most accurate plan (fastest among
+  equals). One plan either way; the runtime counts the violation.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from loom.errors import ConfigError
+from placement.optimizer import fastest_plans, pareto_plans
+from placement.plan import Config, Plan, TaskSpace
+
+
+class Policy(ABC):
+    """Which plans of a task may serve its requests under an SLO."""
+
+    name: ClassVar[str] = ""
+    #: True: the scheduler picks a plan per request among ``candidates``; False: always the first
+    adaptive: ClassVar[bool] = False
+    #: configs may mix variants across slots
+    stitched: ClassVar[bool] = False
+    #: a plan's slots may run on different processors
+    partitioned: ClassVar[bool] = False
+    #: the hot-block preloader is on (only sparseloom, as in the paper's comparison)
+    preload: ClassVar[bool] = False
+
+    def __init__(self, *, max_plans: int | None = None) -> None:
+        #: cap on an adaptive policy's candidates (the front is thinned evenly by latency)
+        self.max_plans = max_plans
+
+    @abstractmethod
+    def candidates(self, space: TaskSpace, *, latency_ms: float = math.inf,
+                   accuracy_floor: float = 0.0) -> list[Plan]:
+        """The plans this policy may use for ``space``'s task, best-first; never empty."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def uniform_configs(space: TaskSpace) -> list[Config]:
+    """The original variants as configs: the same variant in every slot."""
+    return [(v,) * space.k for v in space.variants]
+
+
+class SingleVariantPolicy(Policy):
+    """SV-*: one original variant per task, chosen once; the runtime always runs the first plan.
+
+    The variant is chosen among those that can run in this policy's placement mode (on
+    one processor for NP, on any placement for P), by each one's fastest plan in that
+    mode: SV-AO the most accurate (ties: faster); SV-LO the fastest that meets the floor
+    (ties: more accurate), else the most accurate. Candidates: NP lists the variant on
+    every processor that can run it whole, fastest first, so a caller may choose the
+    processor statically (e.g. by ``assign``) while the runtime takes the first; P gives
+    the one fastest placement from the DP, which may span processors.
+    """
+
+    #: True: latency-optimal (SV-LO); False: accuracy-optimal (SV-AO)
+    latency_optimal: ClassVar[bool] = False
+
+    def choose(self, space: TaskSpace, accuracy_floor: float) -> Plan:
+        """The fastest plan, in this policy's placement mode, of the variant it picks."""
+        plans = [p for p in fastest_plans(space, uniform_configs(space), one_processor=not self.partitioned)
+                 if p is not None]
+        if not plans:
+            mode = "partitioned" if self.partitioned else "on one processor"
+            raise ConfigError(f"{self.name}: no original variant of task {space.task!r} can run {mode}")
+        order = {v: i for i, v in enumerate(space.variants)}
+        most_accurate = min(plans, key=lambda p: (-p.accuracy, p.latency_ms, order[p.config[0]]))
+        if not self.latency_optimal:
+            return most_accurate
+        meets = [p for p in plans if p.accuracy >= accuracy_floor - 1e-9]
+        if not meets:
+            return most_accurate
+        return min(meets, key=lambda p: (p.latency_ms, -p.accuracy, order[p.config[0]]))
+
+    def candidates(self, space: TaskSpace, *, latency_ms: float = math.inf,
+                   accuracy_floor: float = 0.0) -> list[Plan]:
+        best = self.choose(space, accuracy_floor)
+        if self.partitioned:
+            return [best]
+        config = best.config
+        plans = []
+        for proc in space.processors:
+            if all(space.can_run(space.block(v, s), proc) for s, v in enumerate(config)):
+                plans.append(space.make_plan(config, (proc,) * space.k, accuracy=best.accuracy))
+        return sorted(plans, key=lambda p: (p.latency_ms, space.processors.index(p.placement[0])))
+
+
+def front_or_fallback(space: TaskSpace, *, latency_ms: float, accuracy_floor: float,
+                      configs: Sequence[Config] | None, one_processor: bool,
+                      max_plans: int | None) -> list[Plan]:
+    """The feasible front of the allowed plans, fastest first; else one fallback plan (see module doc)."""
+    kw = {"configs": configs, "one_processor": one_processor}
+    front = pareto_plans(space, accuracy_floor=accuracy_floor, latency_bound_ms=latency_ms, max_plans=max_plans, **kw)
+    if front:
+        return front
+    floor_only = pareto_plans(space, accuracy_floor=accuracy_floor, **kw)
+    if floor_only:
+        return floor_only[:1]  # sorted by latency: the fastest that meets the floor
+    everything = pareto_plans(space, **kw)
+    if not everything:
+        raise ConfigError(f"task {space.task!r}: no plan of the allowed kind can run")
+    return [min(everything, key=lambda p: (-p.accuracy, p.latency_ms, p.memory_bytes))]
+
+
+class AnyVariantPolicy(Policy):
+    """AV-* and sparseloom: the scheduler picks per request among the allowed plans' front."""
+
+    adaptive = True
+    #: whole model on one processor per plan
+    one_processor: ClassVar[bool] = False
+
+    def allowed_configs(self, space: TaskSpace) -> list[Config] | None:
+        """The configs this policy may use; None for every stitched config."""
+        return None if self.stitched else uniform_configs(space)
+
+    def candidates(self, space: TaskSpace, *, latency_ms: float = math.inf,
+                   accuracy_floor: float = 0.0) -> list[Plan]:
+        return front_or_fallback(space, latency_ms=latency_ms, accuracy_floor=accuracy_floor,
+                                 configs=self.allowed_configs(space), one_processor=self.one_processor,
+                                 max_plans=self.max_plans)
