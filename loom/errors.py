@@ -58,3 +58,11 @@ class NotFittedError(LoomError, AttributeError):
 
 class ProfileMismatchError(LoomError, ValueError):
     """A profile dataset was measured on other hardware or software than this run. Names what differs."""
+
+
+class SloUnservableError(LoomError, RuntimeError):
+    """No candidate plan can serve a request within its SLO and the runtime rejects such requests."""
+
+
+class RuntimeClosedError(LoomError, RuntimeError):
+    """The runtime was closed: no new requests, and requests cancelled by ``close(cancel=True)``."""

@@ -1,0 +1,668 @@
+"""The running system: one worker per processor, a scheduler, futures, records.
+
+A request's way (DESIGN.md): ``Runtime.submit`` -> the scheduler picks a plan among the
+task's candidates from the processors' predicted backlogs (``loom.scheduler``) -> each
+segment of the plan (consecutive slots on one processor) runs as one job on that
+processor's worker, the segments in order across processors -> the future resolves ->
+a ``RequestRecord`` goes to ``on_record``.
+
+Workers. One thread per processor, pinned to its cores by the backend
+(``pin_current_thread``) and loading its blocks on that thread, as in
+``loom.workers.Worker``; unlike that FIFO worker, its queue is ordered earliest
+deadline first (higher ``priority`` first on equal deadlines, then arrival), which is
+the order the scheduler's backlog prediction assumes. A finished segment hands its
+activations straight to the next processor's queue, so requests pipeline: the next
+request's first segment runs on A while the previous one's second runs on B.
+
+Blocks. Each processor has a ``BlockCache``: ``get(block_id)`` returns the resident
+block, loading it on demand (on the worker's thread, so the load counts in that
+request's latency). With ``preload=True`` every block of every candidate plan is
+loaded on its processor at start. The cache is the hook for the memory-aware
+preloader: it replaces the all-at-start policy by deciding what stays resident.
+
+Measurements. Each block's run time on its worker (the load excluded) feeds the
+``LatencyCorrector``, whose corrected figures the scheduler uses for the next
+decisions.
+
+Endings. Every submitted request ends with a result or an explicit error: a backend
+failure fails that request's future (``BackendError`` naming the block and processor)
+and the others go on; a request no plan can serve (``on_unservable="reject"``) gets
+``SloUnservableError``; ``close()`` drains the queued work, ``close(cancel=True)``
+fails what has not finished with ``RuntimeClosedError``.
+
+Times are seconds on the runtime's clock: ``time.perf_counter()`` minus the instant the
+runtime was made, as ``loom.metrics`` expects; the corrector and scheduler are always
+given ``now_s`` on that clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from loom.correction import LatencyCorrector
+from loom.errors import BackendError, ConfigError, LoomError, RuntimeClosedError, SloUnservableError
+from loom.metrics import RequestRecord, slo_status
+from loom.scheduler import Decision, Reservation, Scheduler
+from placement.plan import Plan
+
+if TYPE_CHECKING:
+    from backends.base import Backend, LoadedBlock
+    from loom.device import DeviceProfile
+
+__all__ = ["BlockCache", "Runtime", "TaskBinding"]
+
+log = logging.getLogger(__name__)
+
+#: a job's place in a worker's queue: (deadline, -priority, sequence)
+JobKey = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class TaskBinding:
+    """A task as the runtime serves it: its candidate plans, where its blocks are, its SLO."""
+
+    task: str
+    #: plans to choose from; non-adaptive policies always run the first
+    candidates: list[Plan]
+    #: block id -> ONNX file of the block
+    block_paths: Mapping[str, Path]
+    latency_ms: float
+    accuracy_floor: float
+    #: breaks ties between equal deadlines in the workers' queues (higher first)
+    priority: float = 0
+    #: resolve futures to this output only (None: the dict of the last block's outputs)
+    output_name: str | None = None
+
+
+# -- blocks -----------------------------------------------------------------------------------
+class BlockCache:
+    """The blocks resident on one processor; ``get`` loads on demand.
+
+    Used only from its worker's thread (loads must happen there, to inherit the pin),
+    except ``resident()`` for reports. The memory-aware preloader replaces or extends
+    this: which blocks to keep, what to evict within a budget.
+    """
+
+    def __init__(self, processor: str, backend: Backend, resolve: Callable[[str], Path]) -> None:
+        self.processor = processor
+        self.backend = backend
+        self._resolve = resolve
+        self._blocks: dict[str, LoadedBlock] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.load_seconds = 0.0
+
+    def get(self, block_id: str) -> LoadedBlock:
+        block = self._blocks.get(block_id)
+        if block is None:
+            path = self._resolve(block_id)
+            t0 = time.perf_counter()
+            try:
+                block = self.backend.load(path, block_id=block_id)
+            except LoomError:
+                raise
+            except Exception as exc:  # an engine's own error type
+                raise BackendError(f"loading block {block_id} on {self.processor}: {exc}") from exc
+            with self._lock:
+                self._blocks[block_id] = block
+                self.loads += 1
+                self.load_seconds += time.perf_counter() - t0
+        return block
+
+    def is_resident(self, block_id: str) -> bool:
+        return block_id in self._blocks
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._blocks)
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(self.backend.memory_bytes(b) for b in self._blocks.values())
+
+    def evict(self, block_id: str) -> None:
+        with self._lock:
+            block = self._blocks.pop(block_id, None)
+        if block is not None:
+            self.backend.release(block)
+
+    def release_all(self) -> None:
+        with self._lock:
+            blocks, self._blocks = list(self._blocks.values()), {}
+        for b in blocks:
+            try:
+                self.backend.release(b)
+            except Exception:  # releasing at close must not hide the other releases
+                log.exception("releasing block %s on %s", b.block_id, self.processor)
+
+
+# -- workers ------------------------------------------------------------------------------------
+class _EdfWorker:
+    """A processor's thread: pinned, running jobs earliest deadline first.
+
+    Jobs are plain callables that handle their own errors (the runtime's jobs route
+    every exception to their request); one that escapes anyway is logged, never fatal
+    to the thread. ``close()`` runs what is queued, then joins.
+    """
+
+    def __init__(self, name: str, backend: Backend) -> None:
+        self.name = name
+        self.backend = backend
+        self._heap: list[tuple[JobKey, Callable[[], None]]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.pinned = False
+        self._thread = threading.Thread(target=self._loop, name=f"loom-runtime-{name}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise BackendError(f"worker {name!r}: {self._start_error}") from self._start_error
+
+    def _loop(self) -> None:
+        try:
+            self.pinned = self.backend.pin_current_thread()
+        except BaseException as exc:  # reported by the constructor, in the caller's thread
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        while True:
+            with self._cond:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if not self._heap:
+                    return  # closed and drained
+                _key, job = heapq.heappop(self._heap)
+            try:
+                job()
+            except BaseException:
+                log.exception("job on worker %s raised", self.name)
+            del job  # drop its feeds and outputs before waiting again
+
+    def put(self, key: JobKey, job: Callable[[], None]) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeClosedError(f"worker {self.name!r} is closed")
+            heapq.heappush(self._heap, (key, job))
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+# -- requests -----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Request:
+    id: int
+    binding: TaskBinding
+    decision: Decision
+    plan: Plan
+    segments: list[tuple[str, list[int]]]
+    reservations: list[Reservation]
+    arrival_s: float
+    deadline_s: float
+    bound_ms: float
+    floor: float
+    future: Future
+    seq: int
+    spans: list[tuple[str, str, float, float]] = field(default_factory=list)
+    start_s: float | None = None
+    #: set once, under the runtime's lock, by whoever ends the request
+    ended: bool = False
+
+
+_CONTROL_KEY = -math.inf  # loads and releases run before any request's job
+
+
+class Runtime:
+    """Serves several tasks at once on a device's processors, each under its SLO."""
+
+    def __init__(
+        self,
+        *,
+        device: DeviceProfile | None = None,
+        backends: Mapping[str, Backend] | None = None,
+        tasks: Sequence[TaskBinding],
+        policy_name: str = "sparseloom",
+        adaptive: bool = True,
+        on_unservable: str = "violate",
+        correction: LatencyCorrector | None = None,
+        on_record: Callable[[RequestRecord], None] | None = None,
+        preload: bool = True,
+    ) -> None:
+        if device is None and backends is None:
+            raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
+        self.device = device
+        self.policy_name = policy_name
+        self.adaptive = adaptive
+        self.preload = preload
+        self.corrector = correction if correction is not None else LatencyCorrector()
+        self.on_record = on_record
+        self._given_backends = dict(backends or {})
+        known = list(self._given_backends)
+        if device is not None:
+            known += [p for p in device.processor_names if p not in self._given_backends]
+        self.processors: list[str] = known
+        self.scheduler = Scheduler(known, corrector=self.corrector, on_unservable=on_unservable)
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._closed = False
+        self._ids = itertools.count()
+        self._seq = itertools.count()
+        self._live: dict[int, _Request] = {}
+        self._tasks: dict[str, TaskBinding] = {}
+        self._paths: dict[str, Path] = {}
+        #: guards starting and stopping workers (apart from ``_lock``: a worker starts on
+        #: a hand-off from another worker's thread, outside any request bookkeeping)
+        self._wlock = threading.Lock()
+        self._stopped = False
+        self._workers: dict[str, _EdfWorker] = {}
+        self._caches: dict[str, BlockCache] = {}
+        self._counts = {"submitted": 0, "ok": 0, "late": 0, "inaccurate": 0, "rejected": 0, "error": 0}
+        self._preload_errors: list[str] = []
+        try:
+            for binding in tasks:
+                if binding.task in self._tasks:
+                    raise ConfigError(f"runtime: task {binding.task!r} is bound twice")
+                self._check_binding(binding)
+                self._tasks[binding.task] = replace(binding, candidates=list(binding.candidates))
+                self._paths.update({b: Path(p) for b, p in binding.block_paths.items()})
+            for p in self._given_backends:
+                self._worker(p)
+            if preload:
+                pending = [self._preload(b.candidates) for b in self._tasks.values()]
+                for fut in (f for group in pending for f in group):
+                    fut.result()  # a block that cannot load here fails the construction
+        except BaseException:
+            self._shutdown_workers()
+            raise
+
+    # -- clock -------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Seconds since the runtime was made (the clock of its records)."""
+        return time.perf_counter() - self._t0
+
+    # -- wiring ------------------------------------------------------------------------------
+    def _check_binding(self, binding: TaskBinding) -> None:
+        plans = binding.candidates
+        if not plans:
+            raise ConfigError(f"runtime: task {binding.task!r} has no candidate plans")
+        if not binding.latency_ms > 0 or not 0.0 <= binding.accuracy_floor <= 1.0:
+            raise ConfigError(
+                f"runtime: task {binding.task!r}: latency_ms must be > 0 and accuracy_floor in [0, 1], "
+                f"got {binding.latency_ms} and {binding.accuracy_floor}"
+            )
+        paths = {**self._paths, **binding.block_paths}
+        for i, plan in enumerate(plans):
+            where = f"runtime: task {binding.task!r}, candidate {i} {list(plan.config)} on {list(plan.placement)}"
+            if plan.task != binding.task:
+                raise ConfigError(f"{where}: the plan is for task {plan.task!r}")
+            unknown = sorted({p for p in plan.placement if p not in self.processors})
+            if unknown:
+                raise ConfigError(f"{where}: unknown processor(s) {unknown} (have {self.processors})")
+            missing = sorted({b for b in plan.block_ids if b not in paths})
+            if missing:
+                raise ConfigError(f"{where}: no file given for block(s) {missing}")
+
+    def _worker(self, processor: str) -> _EdfWorker:
+        """The processor's worker, started on first use (a processor no plan uses costs nothing)."""
+        with self._wlock:
+            worker = self._workers.get(processor)
+            if worker is not None:
+                return worker
+            if self._stopped:
+                raise RuntimeClosedError(f"runtime is closed: processor {processor!r} has no worker")
+            if processor in self._given_backends:
+                backend = self._given_backends[processor]
+            elif self.device is not None:
+                backend = self.device.make_backend(processor)
+            else:
+                raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
+            worker = _EdfWorker(processor, backend)
+            self._caches[processor] = BlockCache(processor, backend, self._resolve)
+            self._workers[processor] = worker
+            return worker
+
+    def _resolve(self, block_id: str) -> Path:
+        path = self._paths.get(block_id)
+        if path is None:
+            raise ConfigError(f"runtime: no file for block {block_id}")
+        return path
+
+    def _preload(self, plans: Sequence[Plan]) -> list[Future]:
+        """Load every block of ``plans`` on its processor, on that processor's thread."""
+        wanted: dict[str, list[str]] = {}
+        for plan in plans:
+            for b, p in zip(plan.block_ids, plan.placement, strict=True):
+                if b not in wanted.setdefault(p, []):
+                    wanted[p].append(b)
+        futures = []
+        for proc, ids in wanted.items():
+            worker = self._worker(proc)
+            cache = self._caches[proc]
+            fut: Future = Future()
+
+            def load_all(cache: BlockCache = cache, ids: list[str] = ids, fut: Future = fut) -> None:
+                try:
+                    for b in ids:
+                        cache.get(b)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+
+            worker.put((_CONTROL_KEY, 0, next(self._seq)), load_all)
+            futures.append(fut)
+        return futures
+
+    # -- the API -----------------------------------------------------------------------------
+    def submit(
+        self, task: str, inputs: Mapping[str, np.ndarray], *, deadline_ms: float | None = None
+    ) -> Future:
+        """Serve one request; the future resolves to the outputs (see ``TaskBinding.output_name``).
+
+        ``deadline_ms`` overrides the task's latency bound for this request. Raises
+        ``ConfigError`` for an unknown task and ``RuntimeClosedError`` after ``close``;
+        every other failure arrives through the future.
+        """
+        if deadline_ms is not None and not deadline_ms > 0:
+            raise ConfigError(f"runtime: deadline_ms must be > 0, got {deadline_ms}")
+        future: Future = Future()
+        # running from the start: a caller's cancel() cannot race the workers' set_result
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed:
+                raise RuntimeClosedError("runtime is closed: no more requests")
+            binding = self._tasks.get(task)
+            if binding is None:
+                raise ConfigError(f"runtime: unknown task {task!r} (have {sorted(self._tasks)})")
+            rid = next(self._ids)
+            self._counts["submitted"] += 1
+            arrival = self.now()
+            bound = float(deadline_ms) if deadline_ms is not None else float(binding.latency_ms)
+            deadline = arrival + bound / 1e3
+            decision, reservations = self.scheduler.admit(
+                task, binding.candidates, now_s=arrival, deadline_s=deadline,
+                accuracy_floor=binding.accuracy_floor, adaptive=self.adaptive, priority=binding.priority,
+            )
+            if decision.plan is None:
+                req = None
+            else:
+                req = _Request(
+                    id=rid, binding=binding, decision=decision, plan=decision.plan,
+                    segments=decision.plan.segments(), reservations=reservations, arrival_s=arrival,
+                    deadline_s=deadline, bound_ms=bound, floor=binding.accuracy_floor, future=future,
+                    seq=next(self._seq),
+                )
+                self._live[rid] = req
+        if req is None:
+            self._reject(rid, binding, arrival, bound, decision, future)
+            return future
+        self._enqueue(req, 0, dict(inputs))
+        return future
+
+    def set_slo(self, task: str, *, latency_ms: float | None = None, accuracy_floor: float | None = None) -> None:
+        """Change a task's SLO; the next request submitted uses it."""
+        with self._lock:
+            binding = self._binding(task)
+            new = replace(
+                binding,
+                latency_ms=binding.latency_ms if latency_ms is None else float(latency_ms),
+                accuracy_floor=binding.accuracy_floor if accuracy_floor is None else float(accuracy_floor),
+            )
+            self._check_binding(new)
+            self._tasks[task] = new
+
+    def set_candidates(
+        self, task: str, plans: Sequence[Plan], *, block_paths: Mapping[str, Path] | None = None
+    ) -> None:
+        """Replace a task's candidate plans (new blocks may come with ``block_paths``).
+
+        With ``preload`` their blocks start loading at once, ahead of queued requests;
+        this call does not wait for them (a request needing one still loading waits).
+        """
+        with self._lock:
+            binding = self._binding(task)
+            new = replace(binding, candidates=list(plans), block_paths={**binding.block_paths, **(block_paths or {})})
+            self._check_binding(new)
+            self._paths.update({b: Path(p) for b, p in new.block_paths.items()})
+            self._tasks[task] = new
+            closed = self._closed
+        if self.preload and not closed:
+            for fut in self._preload(new.candidates):
+                fut.add_done_callback(self._note_preload_error)
+
+    def _note_preload_error(self, fut: Future) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("preload failed: %s", exc)
+            with self._lock:
+                self._preload_errors.append(str(exc))
+
+    def _binding(self, task: str) -> TaskBinding:
+        binding = self._tasks.get(task)
+        if binding is None:
+            raise ConfigError(f"runtime: unknown task {task!r} (have {sorted(self._tasks)})")
+        return binding
+
+    @property
+    def tasks(self) -> dict[str, TaskBinding]:
+        with self._lock:
+            return dict(self._tasks)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue lengths, predicted backlogs, counts, resident blocks and the corrector's state."""
+        now = self.now()
+        with self._lock:
+            counts = dict(self._counts)
+            in_flight = len(self._live)
+            preload_errors = list(self._preload_errors)
+        with self._wlock:
+            workers = dict(self._workers)
+            caches = dict(self._caches)
+        return {
+            "time_s": now,
+            "policy": self.policy_name,
+            "adaptive": self.adaptive,
+            "in_flight": in_flight,
+            "counts": counts,
+            "queues": {p: len(w) for p, w in workers.items()},
+            "reserved_segments": self.scheduler.reserved(),
+            "backlog_ms": self.scheduler.backlog_ms(now),
+            "resident": {p: c.resident() for p, c in caches.items()},
+            "resident_bytes": {p: c.memory_bytes() for p, c in caches.items()},
+            "preload_errors": preload_errors,
+            "correction": self.corrector.snapshot(now),
+        }
+
+    # -- running a request ---------------------------------------------------------------------
+    def _enqueue(self, req: _Request, i: int, env: dict[str, np.ndarray]) -> None:
+        proc = req.segments[i][0]
+        key: JobKey = (req.deadline_s, -float(req.binding.priority), req.seq)
+        try:
+            self._worker(proc).put(key, lambda: self._run_segment(req, i, env))
+        except BaseException as exc:  # a worker that cannot start, or closed under a cancel
+            self._end(req, error=exc)
+
+    def _run_segment(self, req: _Request, i: int, env: dict[str, np.ndarray]) -> None:
+        if req.ended:
+            return  # cancelled (close(cancel=True)) while queued
+        proc, slots = req.segments[i]
+        reservation = req.reservations[i]
+        cache = self._caches[proc]
+        backend = cache.backend
+        now = self.now()
+        self.scheduler.start(reservation, now)
+        if req.start_s is None:
+            req.start_s = now
+        block_id = req.plan.block_ids[slots[0]]
+        try:
+            for s in slots:
+                block_id = req.plan.block_ids[s]
+                block = cache.get(block_id)  # on demand when not resident: counted in latency
+                t0 = self.now()
+                out = backend.run(block, {n: env[n] for n in block.input_names if n in env})
+                t1 = self.now()
+                env.update(out)
+                req.spans.append((proc, block_id, t0, t1))
+                self.corrector.observe(block_id, proc, req.plan.block_ms[s], (t1 - t0) * 1e3, t1)
+        except BaseException as exc:
+            self.scheduler.finish(reservation)
+            err = BackendError(
+                f"request {req.id} of task {req.binding.task!r}: block {block_id} on processor {proc!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            self._end(req, error=err)
+            return
+        self.scheduler.finish(reservation)
+        if i + 1 < len(req.segments):
+            if not req.ended:
+                self._enqueue(req, i + 1, env)
+            return
+        # the last segment ends with the plan's last block: its outputs are the result
+        names = block.output_names
+        try:
+            outputs = {n: env[n] for n in names}
+            name = req.binding.output_name
+            result: Any = outputs if name is None else outputs[name]
+        except KeyError as exc:
+            self._end(req, error=BackendError(
+                f"request {req.id} of task {req.binding.task!r}: output {exc} missing; "
+                f"block {block_id} gives {names}"
+            ))
+            return
+        self._end(req, result=result)
+
+    def _end(self, req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
+        """Finish a request exactly once: release its reservations, record it, resolve its future."""
+        with self._lock:
+            if req.ended:
+                return
+            req.ended = True
+        status = "error"
+        try:
+            for r in req.reservations:
+                self.scheduler.finish(r)
+            end = self.now()
+            latency = (end - req.arrival_s) * 1e3
+            below = req.plan.accuracy < req.floor
+            if error is None:
+                status, below = slo_status(latency, req.bound_ms, req.plan.accuracy, req.floor)
+            record = RequestRecord(
+                id=req.id, task=req.binding.task, policy=self.policy_name, arrival_s=req.arrival_s,
+                start_s=req.start_s, end_s=end, latency_ms=latency, latency_bound_ms=req.bound_ms,
+                accuracy_floor=req.floor, plan_accuracy=req.plan.accuracy, config=req.plan.config,
+                placement=req.plan.placement, status=status, below_floor=below,
+                error=None if error is None else f"{type(error).__name__}: {error}", spans=list(req.spans),
+            )
+            # recorded before the future resolves: a caller that waited on it sees the record
+            self._emit(record)
+        finally:
+            # whatever failed above, the future resolves and close() does not wait forever
+            if error is None:
+                req.future.set_result(result)
+            else:
+                req.future.set_exception(error)
+            with self._lock:
+                self._counts[status] += 1
+                self._live.pop(req.id, None)
+                self._idle.notify_all()
+
+    def _reject(
+        self, rid: int, binding: TaskBinding, arrival: float, bound: float, decision: Decision, future: Future
+    ) -> None:
+        record = RequestRecord(
+            id=rid, task=binding.task, policy=self.policy_name, arrival_s=arrival, start_s=None, end_s=None,
+            latency_ms=None, latency_bound_ms=bound, accuracy_floor=binding.accuracy_floor, status="rejected",
+            error=decision.reason,
+        )
+        self._emit(record)
+        future.set_exception(SloUnservableError(
+            f"task {binding.task!r}: no plan can serve this request within {bound:g} ms at accuracy >= "
+            f"{binding.accuracy_floor:g} ({decision.reason})"
+        ))
+        with self._lock:
+            self._counts["rejected"] += 1
+
+    def _emit(self, record: RequestRecord) -> None:
+        if self.on_record is None:
+            return
+        try:
+            self.on_record(record)
+        except Exception:  # a broken sink must not break serving
+            log.exception("on_record raised for request %s", record.id)
+
+    # -- closing ---------------------------------------------------------------------------------
+    def close(self, *, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop taking requests, end every submitted one, stop the workers. Idempotent.
+
+        By default the queued work runs to the end (``timeout``: seconds to wait for it,
+        after which what is left is cancelled). ``cancel=True`` fails every request not
+        yet finished with ``RuntimeClosedError`` at once; a block already running on a
+        processor finishes first (engines cannot be interrupted).
+        """
+        with self._lock:
+            self._closed = True
+            if not cancel:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._live:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._idle.wait(left)
+            pending = list(self._live.values())
+        for req in pending:
+            self._end(req, error=RuntimeClosedError(f"runtime closed before request {req.id} finished"))
+        self._shutdown_workers()
+
+    def _shutdown_workers(self) -> None:
+        with self._wlock:
+            self._stopped = True
+            workers, self._workers = dict(self._workers), {}
+            caches = dict(self._caches)
+        for proc, worker in workers.items():
+            cache = caches.get(proc)
+            if cache is not None:
+                with contextlib.suppress(RuntimeClosedError):
+                    worker.put((_CONTROL_KEY, 0, next(self._seq)), cache.release_all)
+            worker.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # threads are daemons; this only avoids leaking workers when close() was forgotten
+        try:
+            if not self._closed:
+                self.close(cancel=True)
+        except Exception:
+            pass
