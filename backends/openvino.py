@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -305,11 +306,19 @@ class OpenVinoBackend(Backend):
             raise ModelError(f"{src.name}: openvino cannot read it: {exc}") from exc
 
     def _device_unsupported(self, ov_model: Any, proto: onnx.ModelProto) -> list[str]:
+        labels = _onnx_labels(proto)
         try:
             taken = _core().query_model(ov_model, self.device)
         except Exception as exc:
-            raise BackendError(f"openvino cannot query {self.device} about {proto.graph.name!r}: {exc}") from exc
-        labels = _onnx_labels(proto)
+            # A plugin transformation can crash on a graph it should take (OpenVINO 2026.4's
+            # MultiplyPartialTransformation on the scalar scale of a QDQ attention block).
+            # The device cannot run the block either way: name the op it failed on, so the
+            # block is refused like any unsupported op instead of failing its caller.
+            m = re.search(r"\[(\w+)\].*?node: \w+::(\w+) (\S+)", str(exc), re.S)
+            if m is None:
+                raise BackendError(f"openvino cannot query {self.device} about {proto.graph.name!r}: {exc}") from exc
+            transformation, ov_type, name = m.groups()
+            return [f"{labels.get(name) or 'openvino:' + ov_type} ({transformation} fails on {name})"]
         bad: set[str] = set()
         for op in ov_model.get_ops():
             name = op.get_friendly_name()

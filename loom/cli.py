@@ -194,6 +194,49 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_SLO_CONFIG = "configs/serve.yaml"
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from loom.serve import describe_plans
+
+    out = describe_plans(a.config, policy=a.policy, limit=a.limit)
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"policy {out['policy']} on {out['device']}; predicted utilization at the configured rates: "
+          + ", ".join(f"{p} {u:.0%}" for p, u in out["predicted_utilization"].items()))
+    for task, t in out["tasks"].items():
+        print(f"{task}: bound {t['latency_ms']} ms, floor {t['accuracy_floor']:.3f}, {t['n_candidates']} candidate plans")
+        for p in t["plans"]:
+            print(f"  {','.join(p['config']):<48} on {','.join(p['placement']):<26} {p['latency_ms']:7.3f} ms  "
+                  f"{100 * p['accuracy']:6.2f}%  {p['memory_mb']:6.2f} MB  share {p['share']:.0%}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from loom.serve import format_rows, serve
+
+    report = serve(a.config, out_dir=a.out, policy=a.policy, duration_s=a.duration)
+    print(format_rows([report["result"]]))
+    for task, t in report["summary"]["tasks"].items():
+        rate = t["slo_violation_rate"]
+        print(f"  {task:<12} n={t['n']:<6} violations {rate if rate is None else f'{rate:.1%}'}  "
+              f"p99 {t['p99_ms'] if t['p99_ms'] is None else round(t['p99_ms'], 2)} ms")
+    print(f"wrote {a.out}/report.json, {a.out}/trace-{report['policy']}.jsonl and a timeline plot")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from loom.config import POLICIES
+    from loom.serve import bench, format_rows
+
+    report = bench(a.config, out_dir=a.out, policies=a.policy or list(POLICIES), duration_s=a.duration)
+    print(format_rows(report["runs"]))
+    print(f"wrote {a.out}/report.json and plots (violations.png, latency_cdf.png, timeline-*.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -283,6 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one processor per slot, e.g. cpu0-ort,cpu1-ov,cpu1-ov (one name: every slot there)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("plan", help="each task's candidate plans under an SLO config, with predicted figures")
+    p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
+    p.add_argument("--policy", help="override the config's policy")
+    p.add_argument("--limit", type=int, default=8, help="plans shown per task")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("serve", help="serve an SLO config's trace for its duration, with a report")
+    p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
+    p.add_argument("--policy", help="override the config's policy")
+    p.add_argument("--duration", type=float, help="seconds (default: the config's run.duration_s)")
+    p.add_argument("--out", default="out/serve")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("bench", help="every policy on the same seeded trace of an SLO config")
+    p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
+    p.add_argument("--policy", action="append", help="only these policies (repeatable)")
+    p.add_argument("--duration", type=float, help="seconds per policy (default: the config's run.duration_s)")
+    p.add_argument("--out", default="out/bench")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the embedded zoo")
     p.add_argument("--zoo")

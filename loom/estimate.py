@@ -218,6 +218,11 @@ class TaskEstimates:
     #: variant -> {kind, sparsity, precision, accuracy}
     variants: dict[str, dict[str, Any]]
     measured: dict[Config, float] = field(default_factory=dict)
+    #: (block id, processor) pairs the profiler could not run there, with why
+    unsupported: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def can_run(self, block_id: str, processor: str) -> bool:
+        return (block_id, processor) not in self.unsupported
 
     def predict_accuracy(self, configs: Sequence[Sequence[str]]) -> np.ndarray:
         """Predicted accuracy of each config; measured or uniform ones return what was measured."""
@@ -296,7 +301,9 @@ class Estimates:
                            notes=self.notes.get("accuracy", {}).get(name))
             (tdir / "compat.json").write_text(json.dumps(compatibility_to_json(te.compat)) + "\n")
             tasks[name] = {"partition": partition_ref(te.partition.root), "variants": te.variants,
-                           "measured": [{"config": list(c), "accuracy": a} for c, a in te.measured.items()]}
+                           "measured": [{"config": list(c), "accuracy": a} for c, a in te.measured.items()],
+                           "unsupported": [{"block": b, "processor": p, "why": why}
+                                           for (b, p), why in te.unsupported.items()]}
         meta = {"format": "sparseloom-estimates", "format_version": 1, "device": self.device,
                 "processors": self.processors, "fingerprint": self.fingerprint, "tasks": tasks, "notes": self.notes}
         path = folder / ESTIMATES_FILE
@@ -321,6 +328,7 @@ class Estimates:
                     compat=compatibility_from_json(json.loads((tdir / "compat.json").read_text())),
                     variants=t["variants"],
                     measured={tuple(m["config"]): float(m["accuracy"]) for m in t.get("measured", [])},
+                    unsupported={(u["block"], u["processor"]): u["why"] for u in t.get("unsupported", [])},
                 )
             return cls(
                 device=meta["device"],
@@ -333,6 +341,22 @@ class Estimates:
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise EstimatesError(f"{folder}: malformed estimates folder: {exc!r}") from exc
+
+
+def unsupported_pairs(data: ProfileDataset, partition: Partition) -> dict[tuple[str, str], str]:
+    """(block, processor) pairs of this partition that the profiler could not run, with the reason.
+
+    A block the dataset never tried on a processor is not listed: the estimator predicts
+    it, and the backend's own check refuses it at load time if it must.
+    """
+    ref = partition_ref(partition.root)
+    out = {}
+    for r in data.blocks:
+        if r["partition"] == ref and r["status"] != "ok" and r["block_id"] in partition.blocks:
+            why = r.get("unsupported_ops") or r.get("error") or r["status"]
+            out[(r["block_id"], r["processor"])] = f"{r['status']}: {why}"[:300]
+    ok = {(r["block_id"], r["processor"]) for r in data.blocks if r["partition"] == ref and r["status"] == "ok"}
+    return {k: v for k, v in out.items() if k not in ok}
 
 
 def variant_facts(family: Family) -> dict[str, dict[str, Any]]:
@@ -371,7 +395,8 @@ def fit_estimates(
         if on_task:
             on_task(part.task, sample)
         tasks[part.task] = TaskEstimates(part.task, part, fit_accuracy(family, sample, compat, random_state=seed),
-                                         compat, variant_facts(family), dict(sample.measured))
+                                         compat, variant_facts(family), dict(sample.measured),
+                                         unsupported=unsupported_pairs(data, part))
         notes["accuracy"][part.task] = {"strategy": strategy, "measured_configs": len(sample.measured),
                                         "space": len(part.variants) ** part.k, "seconds": round(sample.seconds, 2)}
     return Estimates(device=device.name, processors=processor_rows(device), latency=latency,

@@ -112,30 +112,45 @@ def test_sv_lo() -> None:
 def test_av_np_and_av_p_follow_brute_force() -> None:
     space = hand_space()
     uniform = [(v, v) for v in space.variants]
-    got = get_policy("av-np").candidates(space, latency_ms=100.0, accuracy_floor=0.85)
+    got = get_policy("av-np", spread=False).candidates(space, latency_ms=100.0, accuracy_floor=0.85)
     assert summary(got) == [(("pruned",) * 2, ("cpu", "cpu"), 12.0), (("dense",) * 2, ("cpu", "cpu"), 15.0)]
     assert same_points(got, brute_force_pareto(space, accuracy_floor=0.85, latency_bound_ms=100.0,
                                                configs=uniform, one_processor=True))
-    got = get_policy("av-p").candidates(space, latency_ms=100.0, accuracy_floor=0.85)
+    got = get_policy("av-p", spread=False).candidates(space, latency_ms=100.0, accuracy_floor=0.85)
     assert all(p.is_uniform and p.accuracy >= 0.85 for p in got)
     assert same_points(got, brute_force_pareto(space, accuracy_floor=0.85, latency_bound_ms=100.0, configs=uniform))
     assert summary(got)[0] == (("dense",) * 2, ("gpu", "cpu"), 10.5)
     # the bound drops what cannot meet it on its own
-    got = get_policy("av-p").candidates(space, latency_ms=11.0, accuracy_floor=0.85)
+    got = get_policy("av-p", spread=False).candidates(space, latency_ms=11.0, accuracy_floor=0.85)
     assert summary(got) == [(("dense",) * 2, ("gpu", "cpu"), 10.5)]
-    got = get_policy("av-p").candidates(space, latency_ms=100.0, accuracy_floor=0.0)
+    got = get_policy("av-p", spread=False).candidates(space, latency_ms=100.0, accuracy_floor=0.0)
     assert summary(got)[0] == (("int8",) * 2, ("cpu", "cpu"), 6.0)
 
 
 def test_sparseloom_is_the_stitched_front() -> None:
     space = hand_space()
     for floor, bound in [(0.0, math.inf), (0.85, 100.0), (0.83, 9.0)]:
-        got = get_policy("sparseloom").candidates(space, latency_ms=bound, accuracy_floor=floor)
+        got = get_policy("sparseloom", spread=False).candidates(space, latency_ms=bound, accuracy_floor=floor)
         assert got and same_points(got, brute_force_pareto(space, accuracy_floor=floor, latency_bound_ms=bound))
         assert [p.latency_ms for p in got] == sorted(p.latency_ms for p in got)
     got = get_policy("sparseloom").candidates(space, latency_ms=100.0, accuracy_floor=0.83)
     assert any(not p.is_uniform for p in got)  # stitched configs do appear
-    assert len(get_policy("sparseloom", max_plans=2).candidates(space, accuracy_floor=0.0)) == 2
+    assert len(get_policy("sparseloom", max_plans=2, spread=False).candidates(space, accuracy_floor=0.0)) == 2
+
+
+@pytest.mark.parametrize("name", ["av-np", "av-p", "sparseloom"])
+def test_adaptive_policies_also_offer_front_configs_on_other_processors(name: str) -> None:
+    space = hand_space()
+    front = get_policy(name, spread=False).candidates(space, latency_ms=100.0, accuracy_floor=0.83)
+    got = get_policy(name).candidates(space, latency_ms=100.0, accuracy_floor=0.83)
+    assert got[: len(front)] == front
+    extra = got[len(front):]
+    assert extra, "some front config can also run whole on another processor"
+    assert {p.config for p in extra} <= {p.config for p in front}
+    assert all(p.on_one_processor and p.latency_ms <= 100.0 for p in extra)
+    assert len({(p.config, p.placement) for p in got}) == len(got)
+    for p in extra:
+        assert all(space.can_run(b, p.placement[0]) for b in p.block_ids)
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)

@@ -46,9 +46,11 @@ class Policy(ABC):
     #: the hot-block preloader is on (only sparseloom, as in the paper's comparison)
     preload: ClassVar[bool] = False
 
-    def __init__(self, *, max_plans: int | None = None) -> None:
+    def __init__(self, *, max_plans: int | None = None, spread: bool = True) -> None:
         #: cap on an adaptive policy's candidates (the front is thinned evenly by latency)
         self.max_plans = max_plans
+        #: adaptive policies: also offer front configs whole on other processors (``spread_plans``)
+        self.spread = spread
 
     @abstractmethod
     def candidates(self, space: TaskSpace, *, latency_ms: float = math.inf,
@@ -138,6 +140,37 @@ class AnyVariantPolicy(Policy):
 
     def candidates(self, space: TaskSpace, *, latency_ms: float = math.inf,
                    accuracy_floor: float = 0.0) -> list[Plan]:
-        return front_or_fallback(space, latency_ms=latency_ms, accuracy_floor=accuracy_floor,
-                                 configs=self.allowed_configs(space), one_processor=self.one_processor,
-                                 max_plans=self.max_plans)
+        front = front_or_fallback(space, latency_ms=latency_ms, accuracy_floor=accuracy_floor,
+                                  configs=self.allowed_configs(space), one_processor=self.one_processor,
+                                  max_plans=self.max_plans)
+        # Also each front config whole on every other processor that can run it, so that
+        # the scheduler can move load between processors per request (the front keeps only
+        # a config's fastest placement: on an idle machine the others are dominated).
+        # Not for a fallback plan: it already misses the SLO.
+        feasible = front[0].latency_ms <= latency_ms and front[0].accuracy >= accuracy_floor - 1e-9
+        if not self.spread or not feasible:
+            return front
+        return front + spread_plans(space, front, latency_ms=latency_ms)
+
+
+def spread_plans(space: TaskSpace, front: Sequence[Plan], *, latency_ms: float = math.inf) -> list[Plan]:
+    """Each front config whole on each processor it is not already on, within the bound.
+
+    Under load the fastest placement is not always the best: its processor may be busy
+    while another idles. These are the alternatives the scheduler moves requests to;
+    they come after the front, fastest first, and never repeat a plan.
+    """
+    seen = {(p.config, p.placement) for p in front}
+    extra = []
+    for plan in front:
+        for proc in space.processors:
+            placement = (proc,) * space.k
+            if (plan.config, placement) in seen:
+                continue
+            if not all(space.can_run(space.block(v, s), proc) for s, v in enumerate(plan.config)):
+                continue
+            alt = space.make_plan(plan.config, placement, accuracy=plan.accuracy)
+            if alt.latency_ms <= latency_ms:
+                seen.add((plan.config, placement))
+                extra.append(alt)
+    return sorted(extra, key=lambda p: p.latency_ms)

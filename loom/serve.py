@@ -1,0 +1,346 @@
+"""From an SLO config to a running system: plan, serve, and compare policies on one trace.
+
+The wiring of the parts, top down:
+
+- ``Deployment.from_config``: the device profile, every task's partition, the
+  estimators (a ``loom fit`` folder, or fitted now from the device's profile dataset
+  and saved under ``out/estimates/<device>``), and each task's ``TaskSpace`` — the
+  optimizer's view: predicted block latencies on every processor, hand-off costs,
+  block sizes, and predicted accuracy of any config;
+- ``Deployment.candidates``: a policy's plans for each task under its SLO at a time;
+  static single-variant policies get their processor per task from the joint
+  ``assign`` (so that two tasks do not pile onto one processor while another idles);
+- ``Deployment.runtime``: a ``Runtime`` bound to those plans;
+- ``run_trace``: an open-loop driver that submits the seeded trace at its arrival
+  times (real inputs from each task's evaluation data), applies the SLO changes when
+  they fall due, and collects one ``RequestRecord`` per request;
+- ``serve`` and ``bench``: one policy, or every policy on the same trace, with a report
+  (JSON + plots).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loom.arrivals import make_trace
+from loom.config import POLICIES, SloConfig, load_slo_config
+from loom.correction import LatencyCorrector
+from loom.device import DeviceProfile, load_device_profile
+from loom.errors import ConfigError
+from loom.estimate import Estimates, fit_estimates, partition_features
+from loom.family import Family
+from loom.metrics import MetricsCollector, RequestRecord, RssSampler, summarize
+from loom.partition import Partition
+from loom.paths import REPO_ROOT
+from loom.profile import ensure_partitions, load_profile_dataset
+from loom.progress import say
+from loom.runtime import Runtime, TaskBinding
+from placement.optimizer import assign
+from placement.plan import Plan, TaskSpace
+from placement.policies import get_policy
+
+
+# -- the optimizer's view of a task ---------------------------------------------------------------
+def task_space(estimates: Estimates, task: str) -> TaskSpace:
+    """A task's choices with predicted numbers: block latency on every processor, hand-offs, accuracy."""
+    te = estimates.task(task)
+    part = te.partition
+    feats = partition_features(part)
+    names = list(part.variants)
+    return TaskSpace(
+        task=task,
+        variants=names,
+        k=part.k,
+        processors=list(estimates.processors),
+        blocks={(v, s): part.variants[v][s] for v in names for s in range(part.k)},
+        # a pair the profiler could not run (an op the engine refuses) is left out: the
+        # optimizer never places the block there
+        block_ms={k: v for k, v in estimates.block_table(task).items() if te.can_run(*k)},
+        out_bytes={b: float(f["act_out_bytes"]) for b, f in feats.items()},
+        # what a loaded block holds is mostly its weights: the file's size
+        memory_bytes={b: int(info.size_bytes) for b, info in part.blocks.items()},
+        accuracy=lambda configs: te.predict_accuracy(configs),
+        link_model=estimates.links,
+        variant_accuracy={v: float(te.variants[v]["accuracy"]) for v in names},
+    )
+
+
+def load_or_fit_estimates(
+    cfg: SloConfig, device: DeviceProfile, partitions: Sequence[Partition], *, refit: bool = False
+) -> Estimates:
+    """The config's estimators folder; else ``out/estimates/<device>`` when it covers every task; else fit now."""
+    if cfg.estimators is not None and not refit:
+        est = Estimates.load(cfg.estimators)
+        missing = [p.task for p in partitions if p.task not in est.tasks]
+        if missing:
+            raise ConfigError(f"{cfg.source}: estimators: {cfg.estimators} has no estimates for tasks {missing}")
+        return est
+    folder = REPO_ROOT / "out" / "estimates" / device.name
+    if (folder / "estimates.json").is_file() and not refit:
+        est = Estimates.load(folder)
+        same = all(p.task in est.tasks and est.tasks[p.task].partition.root.resolve() == p.root.resolve()
+                   and set(est.tasks[p.task].partition.blocks) == set(p.blocks) for p in partitions)
+        if same and est.device == device.name:
+            return est
+    data_dir = REPO_ROOT / "profiles" / "data" / device.name
+    say(f"fitting estimators for {device.name} from {data_dir} (once; saved to {folder})")
+    data = load_profile_dataset(data_dir)
+    est = fit_estimates(partitions, data, device, progress=say)
+    est.save(folder)
+    return est
+
+
+@dataclass
+class Deployment:
+    """Everything a run needs that does not change between policies."""
+
+    config: SloConfig
+    device: DeviceProfile
+    estimates: Estimates
+    partitions: dict[str, Partition]
+    families: dict[str, Family]
+    spaces: dict[str, TaskSpace]
+    _inputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: SloConfig | str | Path, *, refit: bool = False) -> Deployment:
+        cfg = cfg if isinstance(cfg, SloConfig) else load_slo_config(cfg)
+        device = load_device_profile(cfg.device)
+        from loom.family import load_family
+
+        families = {t.name: load_family(t.family) for t in cfg.tasks}
+        for name, fam in families.items():
+            if fam.task != name:
+                raise ConfigError(f"{cfg.source}: tasks[{cfg.task_names.index(name)}]: task {name!r} names "
+                                  f"family {fam.path}, whose task is {fam.task!r}")
+        parts = ensure_partitions(list(families.values()), cfg.partitions, k=cfg.k)
+        est = load_or_fit_estimates(cfg, device, parts, refit=refit)
+        spaces = {p.task: task_space(est, p.task) for p in parts}
+        return cls(cfg, device, est, {p.task: p for p in parts}, families, spaces)
+
+    # -- plans -------------------------------------------------------------------------------
+    def rates(self) -> dict[str, float]:
+        from loom.arrivals import mean_rate_rps
+
+        return {t.name: mean_rate_rps(t.arrival, self.config.run.duration_s) for t in self.config.tasks}
+
+    def candidates(self, policy_name: str, *, t_s: float = 0.0) -> dict[str, list[Plan]]:
+        """Each task's plans under ``policy_name`` for its SLO at ``t_s``, the runtime's first choice first."""
+        policy = get_policy(policy_name)
+        slos = {t.name: self.config.slo_at(t.name, t_s) for t in self.config.tasks}
+        plans = {task: policy.candidates(self.spaces[task], latency_ms=lat, accuracy_floor=floor)
+                 for task, (lat, floor) in slos.items()}
+        if not policy.adaptive and not policy.partitioned and len(self.device.processors) > 1:
+            # A static policy runs one plan per task; which processor each task gets is
+            # chosen jointly, balancing load at the tasks' rates, not "the fastest for all".
+            split = assign(self.spaces, slos, self.rates(), candidates=plans)
+            for task in plans:
+                if split.mixes.get(task):
+                    first = split.mixes[task][0][0]
+                    plans[task] = [first] + [p for p in plans[task] if p != first]
+        return plans
+
+    def block_paths(self, task: str) -> dict[str, Path]:
+        part = self.partitions[task]
+        return {b: part.block_path(b) for b in part.blocks}
+
+    def runtime(self, policy_name: str, *, correction: bool | None = None,
+                on_record: Callable[[RequestRecord], None] | None = None) -> Runtime:
+        policy = get_policy(policy_name)
+        plans = self.candidates(policy_name)
+        enabled = self.config.correction.enabled if correction is None else correction
+        bindings = []
+        for t in self.config.tasks:
+            lat, floor = self.config.slo_at(t.name, 0.0)
+            bindings.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
+                                        latency_ms=lat, accuracy_floor=floor, priority=t.priority,
+                                        output_name=self.families[t.name].manifest.output.name))
+        return Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
+                       on_unservable=self.config.on_unservable,
+                       correction=LatencyCorrector(enabled=enabled, decay=self.config.correction.decay),
+                       on_record=on_record)
+
+    def inputs(self, task: str) -> np.ndarray:
+        if task not in self._inputs:
+            self._inputs[task] = self.families[task].eval_data()[0]
+        return self._inputs[task]
+
+
+# -- running a trace ------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    policy: str
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+    peak_rss_mb: float
+    rss_series: list[tuple[float, float]]
+    wall_s: float
+    #: requests whose future ended in an exception (rejected, backend errors), by type
+    errors: dict[str, int]
+
+
+def run_trace(
+    dep: Deployment,
+    policy_name: str,
+    *,
+    duration_s: float | None = None,
+    correction: bool | None = None,
+    rate_scale: float = 1.0,
+    events: Sequence[tuple[float, Callable[[], None]]] = (),
+    progress: bool = True,
+) -> RunResult:
+    """Serve the config's seeded trace with one policy, open loop, and measure it.
+
+    ``rate_scale`` thins or thickens the trace (same seed, same order of tasks);
+    ``events``: extra actions at given seconds (a competing process starting, ...).
+    """
+    cfg = dep.config
+    duration = cfg.run.duration_s if duration_s is None else duration_s
+    n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
+    trace = make_trace(cfg, n_samples, duration_s=duration * rate_scale)
+    if rate_scale != 1.0:  # the same arrivals, time compressed or stretched
+        trace = [type(it)(t_s=it.t_s / rate_scale, task=it.task, index=it.index, sample=it.sample) for it in trace]
+    collector = MetricsCollector()
+    policy = get_policy(policy_name)
+    rt = dep.runtime(policy_name, correction=correction, on_record=collector.record)
+    # SLO changes fall due during the run: the runtime's bound and floor change, and the
+    # candidates are recomputed for the new SLO (the policy's choice depends on it).
+    changes: list[tuple[float, Callable[[], None]]] = []
+    for t in cfg.tasks:
+        for ch in t.slo_changes:
+            def apply(task: str = t.name, at: float = ch.at_s) -> None:
+                lat, floor = cfg.slo_at(task, at)
+                rt.set_slo(task, latency_ms=lat, accuracy_floor=floor)
+                rt.set_candidates(task, dep.candidates(policy.name, t_s=at)[task])
+            changes.append((ch.at_s, apply))
+    timeline = sorted([*changes, *events], key=lambda e: e[0])
+    futures: list[Future] = []
+    errors: dict[str, int] = {}
+    label = f"serve {policy.name}"
+    start = time.perf_counter()
+    rt_offset = rt.now()  # the runtime's clock started when it was built (after preloading)
+    with RssSampler() as rss:
+        next_report = 0.0
+        ei = 0
+        for it in trace:
+            while ei < len(timeline) and timeline[ei][0] <= it.t_s:
+                timeline[ei][1]()
+                ei += 1
+            delay = it.t_s - (time.perf_counter() - start)
+            if delay > 0:
+                time.sleep(delay)
+            x = dep.inputs(it.task)
+            futures.append(rt.submit(it.task, {dep.families[it.task].manifest.input.name: x[it.sample: it.sample + 1]}))
+            if progress and it.t_s >= next_report:
+                say(f"{label}: {it.t_s:5.1f}/{duration:.0f} s, {len(futures)} requests, {rt.stats()['in_flight']} in flight")
+                next_report += max(1.0, duration / 10)
+        for _, fn in timeline[ei:]:
+            fn()
+        rt.close()
+        for f in futures:
+            exc = f.exception()
+            if exc is not None:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+    wall = time.perf_counter() - start
+    records = sorted(collector.records, key=lambda r: r.id)
+    # arrival times are on the runtime's clock; shift them onto the trace's
+    for r in records:
+        r.arrival_s -= rt_offset
+        if r.start_s is not None:
+            r.start_s -= rt_offset
+        if r.end_s is not None:
+            r.end_s -= rt_offset
+        r.spans = [(p, b, s - rt_offset, e - rt_offset) for p, b, s, e in r.spans]
+    summary = summarize(records, duration, warmup_s=min(cfg.run.warmup_s, duration / 2))
+    return RunResult(policy.name, records, summary, rss.peak_mb, list(rss.series), wall, errors)
+
+
+def _row(run: RunResult) -> dict[str, Any]:
+    o = run.summary["overall"]
+    return {"policy": run.policy, "slo_violation_rate": o["slo_violation_rate"], "goodput_rps": o["goodput_rps"],
+            "throughput_rps": o["throughput_rps"], "p50_ms": o["p50_ms"], "p95_ms": o["p95_ms"], "p99_ms": o["p99_ms"],
+            "peak_rss_mb": run.peak_rss_mb, "n": o["n"], "utilization": run.summary["utilization"],
+            "errors": run.errors}
+
+
+def write_run(run: RunResult, out_dir: Path) -> dict[str, Any]:
+    from loom.metrics import plot_timeline, write_jsonl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(run.records, out_dir / f"trace-{run.policy}.jsonl")
+    plot_timeline(run.records, out_dir / f"timeline-{run.policy}.png")
+    return _row(run)
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    def f(v: Any, spec: str) -> str:
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    lines = [f"{'policy':<11} {'violations':>10} {'goodput/s':>9} {'thru/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}"]
+    for r in rows:
+        lines.append(f"{r['policy']:<11} {f(r['slo_violation_rate'], '>10.1%')} {f(r['goodput_rps'], '>9.1f')} "
+                     f"{f(r['throughput_rps'], '>8.1f')} {f(r['p50_ms'], '>7.2f')} {f(r['p99_ms'], '>7.2f')} "
+                     f"{f(r['peak_rss_mb'], '>7.0f')}")
+    return "\n".join(lines)
+
+
+def serve(config: str | Path, *, out_dir: str | Path = "out/serve", policy: str | None = None,
+          duration_s: float | None = None) -> dict[str, Any]:
+    """Run the config (its policy, or ``policy``) for its duration; write the trace, plots and a report."""
+    dep = Deployment.from_config(config)
+    name = policy or dep.config.policy
+    run = run_trace(dep, name, duration_s=duration_s)
+    out = Path(out_dir)
+    row = write_run(run, out)
+    report = {"config": str(dep.config.source), "device": dep.device.name, "policy": run.policy,
+              "summary": run.summary, "result": row, "simulated": False}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+def bench(config: str | Path, *, out_dir: str | Path = "out/bench", policies: Sequence[str] = POLICIES,
+          duration_s: float | None = None) -> dict[str, Any]:
+    """Every policy on the same seeded trace, one after another in this process."""
+    from loom.metrics import plot_latency_cdf, plot_violations_by_policy
+
+    dep = Deployment.from_config(config)
+    out = Path(out_dir)
+    rows, by_policy = [], {}
+    for name in policies:
+        run = run_trace(dep, name, duration_s=duration_s)
+        rows.append(write_run(run, out))
+        by_policy[run.policy] = run.records
+    plot_violations_by_policy(rows, out / "violations.png")
+    plot_latency_cdf(by_policy, out / "latency_cdf.png")
+    report = {"config": str(dep.config.source), "device": dep.device.name, "runs": rows, "simulated": False}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+def describe_plans(config: str | Path, *, policy: str | None = None, limit: int = 8) -> dict[str, Any]:
+    """``loom plan``: each task's candidate plans under the policy with their predicted figures."""
+    dep = Deployment.from_config(config)
+    name = policy or dep.config.policy
+    plans = dep.candidates(name)
+    slos = {t.name: dep.config.slo_at(t.name, 0.0) for t in dep.config.tasks}
+    split = assign(dep.spaces, slos, dep.rates(), candidates=plans)
+    out: dict[str, Any] = {"policy": name, "device": dep.device.name, "tasks": {},
+                           "predicted_utilization": split.utilization}
+    for task, cands in plans.items():
+        shares = dict(((p.config, p.placement), s) for p, s in split.mixes.get(task, ()))
+        out["tasks"][task] = {
+            "latency_ms": slos[task][0], "accuracy_floor": slos[task][1], "n_candidates": len(cands),
+            "plans": [{"config": list(p.config), "placement": list(p.placement), "latency_ms": p.latency_ms,
+                       "accuracy": p.accuracy, "memory_mb": p.memory_bytes / 2**20,
+                       "share": shares.get((p.config, p.placement), 0.0)} for p in cands[:limit]],
+        }
+    return out
+
