@@ -131,7 +131,8 @@ def test_plan_and_cli(setup, synth_family, synth_partition, capsys):
 def test_a_family_whose_task_differs_is_named(setup, synth_family, synth_partition):
     root, dev, _ = setup
     cfg = write_config(root, dev, synth_family, synth_partition)
-    data = yaml.safe_load(open(cfg))
+    with open(cfg) as f:
+        data = yaml.safe_load(f)
     data["tasks"][0]["name"] = "other"
     with pytest.raises(ConfigError, match="task 'other' names family"):
         Deployment.from_config(load_slo_config_from(data, root))
