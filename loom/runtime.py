@@ -302,6 +302,15 @@ class Runtime:
             self._shutdown_workers()
             raise
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, policy: str | None = None,
+                  on_record: Callable[[RequestRecord], None] | None = None) -> Runtime:
+        """A runtime for an SLO config file: its device, tasks, estimators and policy (or ``policy``)."""
+        from loom.serve import Deployment  # the wiring sits above the runtime
+
+        dep = Deployment.from_config(path)
+        return dep.runtime(policy or dep.config.policy, on_record=on_record)
+
     # -- clock -------------------------------------------------------------------------------
     def now(self) -> float:
         """Seconds since the runtime was made (the clock of its records)."""

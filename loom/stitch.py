@@ -219,7 +219,9 @@ def evaluate_configs(
         if bid not in sessions:
             sessions[bid] = session(load_model(partition.block_path(bid), check=False), name=bid)
         info = partition.blocks[bid]
-        return run_batched(sessions[bid], {n: env[n] for n in info.inputs}, info.outputs, batch=256)
+        # 64, not more: each session's arena keeps its peak, and measuring every config of
+        # image-cls holds ~50 sessions (at 256 the process grew to 16 GB)
+        return run_batched(sessions[bid], {n: env[n] for n in info.inputs}, info.outputs, batch=64)
 
     tree: dict = {}
     for c in wanted:

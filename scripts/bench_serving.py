@@ -1,0 +1,228 @@
+"""The serving benchmark: the seven policies on the same seeded trace, real inference.
+
+On the host device profile (onnxruntime pinned to core 0, OpenVINO pinned to core 1),
+with the tasks of ``configs/serve.yaml``, in one process, one policy after another:
+
+- **load** is a multiple of the capacity of the best static plan: the largest total
+  rate (at the config's task mix) that the best single-variant policy (SV-*, one plan
+  per task, processors assigned jointly) could sustain by the fluid bound, given the
+  predicted block latencies. 0.5x, 1x and 1.5x by default;
+- **slo**: ``loose`` uses the config's latency bounds, ``tight`` scales them by
+  ``--tight`` (0.6 by default); floors as configured; the config's mid-run SLO changes
+  are left out so that every cell serves one SLO;
+- every policy serves the *same* arrivals and inputs (same seed) at each cell;
+- ``goodput_bound_rps``: the fluid (LP) relaxation over every stitched plan meeting
+  each task's SLO, capped by the offered rate: no policy can do better;
+- **drift**: sparseloom at 1x load, with a competing busy process pinned to the first
+  processor's core for the middle third of the run, with the online latency correction
+  and without it.
+
+Writes ``{"runs": [...], "goodput_bound_rps": {...}, "ratios": {...}, "drift": {...}}``, a
+table, and plots (violations by policy per cell, goodput, the latency CDF of the 1x
+tight cell, the drift run's timeline).
+
+    python scripts/bench_serving.py --out out/bench_serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loom.config import POLICIES, SloConfig  # noqa: E402
+from loom.metrics import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
+from loom.progress import say  # noqa: E402
+from loom.serve import Deployment, RunResult, run_trace  # noqa: E402
+from placement.optimizer import fluid_goodput_bound  # noqa: E402
+from placement.policies import get_policy  # noqa: E402
+
+STATIC = ("sv-ao-np", "sv-ao-p", "sv-lo-np", "sv-lo-p")
+
+
+def scenario(base: SloConfig, *, total_rps: float, mix: dict[str, float], bound_scale: float,
+             duration_s: float, seed: int) -> SloConfig:
+    cfg = copy.deepcopy(base)
+    total_mix = sum(mix.values())
+    for t in cfg.tasks:
+        t.latency_ms = t.latency_ms * bound_scale
+        t.slo_changes = []
+        t.arrival = type(t.arrival).model_validate({"process": "poisson", "rate_rps": total_rps * mix[t.name] / total_mix}) \
+            if t.arrival.process == "poisson" else t.arrival
+    cfg.run.duration_s = duration_s
+    cfg.run.seed = seed
+    cfg.run.warmup_s = min(cfg.run.warmup_s, duration_s / 4)
+    return cfg
+
+
+def slos_of(cfg: SloConfig) -> dict[str, tuple[float, float]]:
+    return {t.name: (t.latency_ms, t.accuracy_floor) for t in cfg.tasks}
+
+
+def static_capacity(dep: Deployment, mix: dict[str, float]) -> tuple[float, str]:
+    """Largest sustainable total rate of the best single-variant policy (fluid bound of its one plan per task)."""
+    best, who = 0.0, ""
+    for name in STATIC:
+        cands = dep.candidates(name)
+        bound = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix,
+                                    candidates={t: c[:1] if get_policy(name).partitioned else c for t, c in cands.items()})
+        if math.isfinite(bound) and bound > best:
+            best, who = bound, name
+    return best, who
+
+
+def row_of(run: RunResult, load: float, slo: str, offered: float) -> dict[str, Any]:
+    o = run.summary["overall"]
+    return {"load": load, "slo": slo, "policy": run.policy, "offered_rps": offered,
+            "slo_violation_rate": o["slo_violation_rate"], "goodput_rps": o["goodput_rps"],
+            "throughput_rps": o["throughput_rps"], "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"],
+            "peak_rss_mb": run.peak_rss_mb, "n": o["n"], "utilization": run.summary["utilization"],
+            "errors": run.errors, "by_task": {t: {"slo_violation_rate": v["slo_violation_rate"], "p99_ms": v["p99_ms"]}
+                                              for t, v in run.summary["tasks"].items()}}
+
+
+def busy_loop_on(core: int) -> subprocess.Popen:
+    code = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def drift(dep: Deployment, base: SloConfig, *, total_rps: float, mix: dict[str, float], duration_s: float,
+          seed: int, out: Path) -> dict[str, Any]:
+    first = dep.device.processors[0]
+    core = (first.cores or [0])[0]
+    dep.config = scenario(base, total_rps=total_rps, mix=mix, bound_scale=1.0, duration_s=duration_s, seed=seed)
+    lo, hi = duration_s / 3, 2 * duration_s / 3
+    result = {"processor": first.name, "core": core, "window_s": [lo, hi], "runs": []}
+    for corrected in (True, False):
+        proc: list[subprocess.Popen] = []
+        events = [(lo, lambda proc=proc: proc.append(busy_loop_on(core))),
+                  (hi, lambda proc=proc: [p.kill() for p in proc])]
+        try:
+            run = run_trace(dep, "sparseloom", correction=corrected, events=events)
+        finally:
+            for p in proc:
+                p.kill()
+        inside = [r for r in run.records if lo <= r.arrival_s < hi]
+        after = [r for r in run.records if r.arrival_s >= hi + 1.0]
+        on_slow = [r for r in inside if r.placement and first.name in r.placement]
+
+        def rate(rs: list) -> float | None:
+            return sum(r.violated for r in rs) / len(rs) if rs else None
+
+        result["runs"].append({
+            "correction": corrected, "slo_violation_rate": run.summary["overall"]["slo_violation_rate"],
+            "violation_rate_during_contention": rate(inside), "violation_rate_after": rate(after),
+            "share_on_slowed_processor_during": len(on_slow) / len(inside) if inside else None,
+            "goodput_rps": run.summary["overall"]["goodput_rps"],
+        })
+        if corrected:
+            plot_timeline(run.records, out.with_name(out.stem + "_drift_timeline.png"), max_requests=400)
+    on, off = result["runs"]
+    if on["violation_rate_during_contention"] is not None and off["violation_rate_during_contention"]:
+        result["violation_reduction_during_contention"] = 1 - on["violation_rate_during_contention"] / off["violation_rate_during_contention"]
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/serve.yaml")
+    ap.add_argument("--out", default="out/bench_serving.json")
+    ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 1.5])
+    ap.add_argument("--tight", type=float, default=0.6, help="the tight SLO's bounds as a share of the config's")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per policy and cell")
+    ap.add_argument("--policies", nargs="*", default=list(POLICIES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drift-duration", type=float, default=18.0)
+    ap.add_argument("--no-drift", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    dep = Deployment.from_config(args.config)
+    base = dep.config
+    mix = {t.name: dep.rates()[t.name] for t in base.tasks}
+    capacity, who = static_capacity(dep, mix)
+    say(f"capacity of the best static plan: {capacity:.1f} requests/s ({who}, fluid bound at the config's mix)")
+    runs, bounds, cdf_runs = [], {}, {}
+    t_start = time.perf_counter()
+    for slo, scale in (("loose", 1.0), ("tight", args.tight)):
+        for load in args.loads:
+            total = load * capacity
+            dep.config = scenario(base, total_rps=total, mix=mix, bound_scale=scale, duration_s=args.duration,
+                                  seed=args.seed)
+            cands = {t: dep.candidates("sparseloom")[t] for t in mix}
+            fluid = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix, candidates=cands)
+            bounds[f"{load}/{slo}"] = min(total, fluid)
+            for name in args.policies:
+                run = run_trace(dep, name)
+                runs.append(row_of(run, load, slo, total))
+                say(f"{slo} {load}x ({total:.0f}/s) {name}: violations {runs[-1]['slo_violation_rate']:.1%}, "
+                    f"goodput {runs[-1]['goodput_rps']:.1f}/s")
+                if load == 1.0 and slo == "tight":
+                    cdf_runs[run.policy] = run.records
+    serving_s = time.perf_counter() - t_start
+
+    ratios: dict[str, Any] = {}
+    for slo in ("loose", "tight"):
+        for load in args.loads:
+            cell = {r["policy"]: r for r in runs if r["load"] == load and r["slo"] == slo}
+            sl = cell.get("sparseloom")
+            if not sl:
+                continue
+            key = f"{load}/{slo}"
+            ratios[key] = {
+                "violation_reduction_vs": {p: (1 - sl["slo_violation_rate"] / r["slo_violation_rate"])
+                                           if r["slo_violation_rate"] else None for p, r in cell.items() if p != "sparseloom"},
+                "goodput_ratio_vs": {p: ratio(sl["goodput_rps"], r["goodput_rps"]) for p, r in cell.items() if p != "sparseloom"},
+                "goodput_share_of_bound": ratio(sl["goodput_rps"], bounds[key]),
+            }
+    result: dict[str, Any] = {
+        "runs": runs, "goodput_bound_rps": bounds, "ratios": ratios,
+        "settings": {"config": args.config, "capacity_rps": capacity, "capacity_policy": who, "mix": mix,
+                     "loads": args.loads, "tight_scale": args.tight, "duration_s": args.duration, "seed": args.seed,
+                     "cpus": os.cpu_count(), "serving_wall_s": serving_s},
+        "simulated": False,
+    }
+    if not args.no_drift:
+        result["drift"] = drift(dep, base, total_rps=capacity, mix=mix, duration_s=args.drift_duration,
+                                seed=args.seed, out=out)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    print(f"{'cell':<11} {'policy':<11} {'viol':>7} {'goodput':>8} {'thru':>7} {'p99 ms':>8} {'RSS MB':>7}")
+    for r in runs:
+        print(f"{str(r['load']) + '/' + r['slo']:<11} {r['policy']:<11} {r['slo_violation_rate']:>7.1%} "
+              f"{r['goodput_rps']:>8.1f} {r['throughput_rps']:>7.1f} {(r['p99_ms'] or float('nan')):>8.2f} {r['peak_rss_mb']:>7.0f}")
+    for key, rt in ratios.items():
+        red = ", ".join(f"{p} {v:+.0%}" for p, v in rt["violation_reduction_vs"].items() if v is not None)
+        gp = ", ".join(f"{p} {v:.2f}x" for p, v in rt["goodput_ratio_vs"].items() if v is not None)
+        share = rt["goodput_share_of_bound"]
+        print(f"{key}: violations down vs {red}; goodput vs {gp}; "
+              f"{'-' if share is None else f'{share:.0%}'} of the fluid bound {bounds[key]:.1f}/s")
+    if "drift" in result:
+        for r in result["drift"]["runs"]:
+            print(f"drift, correction {'on ' if r['correction'] else 'off'}: violations {r['slo_violation_rate']:.1%} "
+                  f"overall, {r['violation_rate_during_contention']:.1%} during contention, "
+                  f"{r['share_on_slowed_processor_during']:.0%} of requests on the slowed processor")
+    rows = [{**r, "group": f"{r['load']}x {r['slo']}"} for r in runs]
+    plot_violations_by_policy(rows, out.with_name(out.stem + "_violations.png"))
+    if cdf_runs:
+        plot_latency_cdf(cdf_runs, out.with_name(out.stem + "_latency_cdf.png"), normalized=True)
+    print(f"wrote {out} and plots beside it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
