@@ -8,6 +8,32 @@ extra threads (all but the first: the caller is the first) are pinned through th
 session option ``session.intra_op_thread_affinities``, whose processor ids are
 1-based. ``inter_op_threads`` only matters in parallel execution mode, which this
 backend does not use (blocks are chains; sequential is faster and predictable).
+
+Execution providers. A device profile lists them in order of preference under
+``options.providers``; each entry is one of (YAML)::
+
+    providers:
+      - tensorrt                                   # a name: an alias or onnxruntime's own name
+      - [cuda, {device_id: 0}]                     # [name, options]
+      - {name: TensorrtExecutionProvider,          # {name: ..., options: ...}
+         options: {trt_engine_cache_enable: true, trt_engine_cache_path: /var/cache/trt}}
+      - cpu
+
+Aliases (case-insensitive) are in ``PROVIDER_ALIASES``: ``cpu``, ``cuda``, ``tensorrt``
+(``trt``), ``openvino``, ``qnn``, ``coreml``, ``xnnpack``, ``directml``, ... Option values
+are scalars; onnxruntime receives them as text (``str(value)``, so ``true`` becomes
+``"True"``), as its own Python API does. A provider this onnxruntime cannot run raises
+``BackendUnavailableError`` naming it and the package to install, unless
+``fallback=True``, which drops it (with a ``ProviderFallbackWarning``) and runs on what
+is left, down to the CPU provider.
+
+Silent CPU fallback is reported, never hidden: onnxruntime itself only warns when a
+requested provider fails to register (missing driver or libraries), and places on the
+CPU provider every node an accelerator declines. After each load, ``info["providers"]``
+lists the providers the session registered, ``info["providers_used"]`` counts the
+block's nodes (after onnxruntime's graph optimizations) per provider, from onnxruntime's
+graph-assignment record (``session.record_ep_graph_assignment_info``), and
+``info["fallback"]`` is True when a requested non-CPU provider runs none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +43,7 @@ import gc
 import re
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +74,55 @@ from loom.errors import (
 
 Provider = str | tuple[str, dict[str, Any]]
 
+CPU_PROVIDER = "CPUExecutionProvider"
+
+#: friendly names a device profile may use (lower case) -> onnxruntime's provider names
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "ov": "OpenVINOExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+#: what to install to get a provider (onnxruntime's CPU wheel has only CPU and Azure).
+#: The accelerator wheels replace the plain one (they share the module name): uninstall
+#: ``onnxruntime`` first.
+PROVIDER_PACKAGES: dict[str, str] = {
+    "CUDAExecutionProvider": "pip install onnxruntime-gpu (needs the CUDA and cuDNN libraries; "
+    "on Jetson, the JetPack build of onnxruntime-gpu)",
+    "TensorrtExecutionProvider": "pip install onnxruntime-gpu and the TensorRT libraries "
+    "(on Jetson, JetPack ships TensorRT; use the JetPack build of onnxruntime-gpu)",
+    "OpenVINOExecutionProvider": "pip install onnxruntime-openvino",
+    "QNNExecutionProvider": "pip install onnxruntime-qnn (Windows on Snapdragon); on Android, "
+    "the onnxruntime-android-qnn package",
+    "DmlExecutionProvider": "pip install onnxruntime-directml (Windows)",
+    "CoreMLExecutionProvider": "the macOS/iOS build of onnxruntime (pip install onnxruntime on a Mac)",
+    "XnnpackExecutionProvider": "an onnxruntime built with --use_xnnpack (the Android and iOS "
+    "packages include it)",
+    "NnapiExecutionProvider": "the onnxruntime-android package (Android only)",
+    "MIGraphXExecutionProvider": "pip install onnxruntime-migraphx (AMD ROCm)",
+    "DnnlExecutionProvider": "an onnxruntime built with --use_dnnl",
+    "WebGpuExecutionProvider": "pip install onnxruntime-webgpu",
+}
+
+#: session option that makes onnxruntime keep which provider runs which node
+_ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+
+
+class ProviderFallbackWarning(UserWarning):
+    """A requested execution provider was dropped, or runs none of a block's nodes: CPU runs them."""
+
 _warm_lock = threading.Lock()
 _warmed: set[tuple[str, ...]] = set()
 
@@ -71,8 +147,13 @@ def _ort() -> Any:
 class OrtBackend(Backend):
     """onnxruntime with an ordered list of execution providers (its own convention).
 
-    ``providers`` entries are a provider name or ``(name, options)``; onnxruntime tries
-    them in order and falls back to the CPU provider for nodes the others refuse.
+    ``providers`` entries are a provider name (or alias), ``(name, options)`` or
+    ``{"name": ..., "options": ...}`` (see the module docstring); onnxruntime tries them
+    in order and falls back to the CPU provider for nodes the others refuse.
+    ``fallback``: drop requested providers this onnxruntime cannot run (reported in a
+    ``ProviderFallbackWarning``, ``describe()`` and each block's ``info``) instead of
+    raising ``BackendUnavailableError``; off by default, because a profile measured on
+    the CPU under a GPU processor's name is worse than no profile.
     ``enable_mem_arena``/``enable_mem_pattern`` are onnxruntime's own defaults (on):
     the arena makes repeated runs allocation-free, at the price of holding its peak.
     ``allow_spinning`` is off by default because processors here share few cores:
@@ -93,9 +174,21 @@ class OrtBackend(Backend):
         enable_mem_pattern: bool = True,
         allow_spinning: bool = False,
         log_severity_level: int = 3,
+        fallback: bool = False,
     ) -> None:
         ort = _ort()
-        self.providers = _check_providers(providers, ort.get_available_providers())
+        self.fallback = bool(fallback)
+        self.requested_providers = normalize_providers(providers)
+        self.providers, self.dropped_providers = _check_available(
+            self.requested_providers, ort.get_available_providers(), fallback=self.fallback
+        )
+        if self.dropped_providers:
+            warnings.warn(
+                f"onnxruntime: provider(s) {self.dropped_providers} not available here, dropped "
+                f"(fallback: true); running on {_names(self.providers)}",
+                ProviderFallbackWarning,
+                stacklevel=2,
+            )
         if intra_op_threads < 1 or inter_op_threads < 1:
             # 0 would mean "one per physical core", which defeats pinning a processor.
             raise ConfigError(
@@ -113,6 +206,14 @@ class OrtBackend(Backend):
         self.enable_mem_pattern = enable_mem_pattern
         self.allow_spinning = allow_spinning
         self.log_severity_level = log_severity_level
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any]) -> list[str]:
+        """Malformed options a device profile can be told about without constructing the
+        backend (so without the providers being here): ``options.providers[1]: why``."""
+        if "providers" not in options:
+            return []
+        return [f"options.{p}" for p in provider_problems(options["providers"])]
 
     # --- protocol -------------------------------------------------------------------
 
@@ -185,6 +286,24 @@ class OrtBackend(Backend):
             raise _load_error(self.name, src.name, exc) from exc
         seconds = time.perf_counter() - t0
         memory = max(0, rss_bytes() - before)
+        # which providers really took the session (a requested one may have declined to
+        # register, e.g. a GPU provider without its driver: onnxruntime only warns)
+        registered = list(session.get_providers())
+        unregistered = [n for n in _names(self.providers) if n not in registered]
+        if unregistered and not self.fallback:
+            del session
+            raise BackendUnavailableError(
+                f"{src.name}: onnxruntime did not register provider(s) {unregistered} (only "
+                f"{registered}): their libraries or driver failed to load (run with "
+                f"log_severity_level: 1 to see why); {_install_hint(unregistered)}; "
+                f"or set fallback: true to run on the CPU anyway"
+            )
+        used = _assignment(session)
+        fallback, reason = fallback_report(
+            _names(self.requested_providers), registered, used, dropped=self.dropped_providers
+        )
+        if fallback:
+            warnings.warn(f"{src.name}: {reason}", ProviderFallbackWarning, stacklevel=2)
         return LoadedBlock(
             block_id=src.name,
             backend=self.name,
@@ -194,13 +313,31 @@ class OrtBackend(Backend):
             memory_bytes=memory,
             load_seconds=seconds,
             info={
-                # which providers really took the session (a requested one may have
-                # declined to register, e.g. a GPU provider without its driver)
-                "providers": session.get_providers(),
+                "providers": registered,
+                # provider -> nodes it runs (after graph optimizations); None: this
+                # onnxruntime cannot say
+                "providers_used": used,
+                "fallback": fallback,
+                "fallback_reason": reason,
+                "dropped_providers": list(self.dropped_providers),
                 "intra_op_threads": self.intra_op_threads,
                 "cores": self.cores,
             },
         )
+
+    def providers_used(self, block: LoadedBlock) -> dict[str, int]:
+        """Provider -> number of the block's nodes it runs (after graph optimizations).
+
+        From onnxruntime's record of its graph partitioning, taken at load. Raises
+        ``BackendError`` when this onnxruntime cannot report it.
+        """
+        used = block.info.get("providers_used")
+        if used is None:
+            raise BackendError(
+                f"block {block.block_id}: onnxruntime {_ort().__version__} cannot report which "
+                f"provider runs which node (no get_provider_graph_assignment_info)"
+            )
+        return dict(used)
 
     def run(self, block: LoadedBlock, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = check_resident(block)
@@ -225,6 +362,7 @@ class OrtBackend(Backend):
             "version": ort.__version__,
             "device": ort.get_device(),
             "providers": [p if isinstance(p, str) else [p[0], dict(p[1])] for p in self.providers],
+            "dropped_providers": list(self.dropped_providers),
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
             "cores": self.cores,
@@ -257,6 +395,10 @@ class OrtBackend(Backend):
         opts.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
         )
+        # Keep which provider runs which node, to detect silent CPU fallback. Cheap: a
+        # list of node names kept at session creation; unknown keys are ignored by
+        # onnxruntime versions that predate it.
+        opts.add_session_config_entry(_ASSIGNMENT_KEY, "1")
         if self.cores and self.intra_op_threads > 1:
             # One entry per pool thread beyond the caller; ids are 1-based ("1" = CPU 0).
             # The caller itself is pinned by the worker via pin_current_thread().
@@ -267,25 +409,198 @@ class OrtBackend(Backend):
         return opts
 
 
-def _check_providers(providers: Sequence[Provider], available: list[str]) -> list[Provider]:
+def resolve_provider_name(name: str) -> str:
+    """An alias (``cuda``) or any spelling of a provider's name -> onnxruntime's name.
+
+    Names neither an alias nor known to this onnxruntime are returned unchanged: the
+    availability check names them (a newer provider may be unknown to an older build).
+    """
+    key = name.strip()
+    alias = PROVIDER_ALIASES.get(key.lower())
+    if alias:
+        return alias
+    known = {*PROVIDER_ALIASES.values(), *_all_providers()}
+    by_lower = {k.lower(): k for k in known}
+    return by_lower.get(key.lower(), key)
+
+
+def provider_problems(providers: Any) -> list[str]:
+    """Every malformed entry of a ``providers`` option, as ``providers[i]: why``.
+
+    Checks the form only (no onnxruntime needed), so that a device profile of another
+    machine is validated here: availability is a question for the machine that runs it.
+    """
+    if isinstance(providers, str):
+        providers = [providers]
+    if not isinstance(providers, Sequence):
+        return [f"providers: expected a list of providers, got {type(providers).__name__} {providers!r}"]
+    if not providers:
+        return ["providers: empty; list at least one provider (e.g. cpu)"]
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(providers):
+        where = f"providers[{i}]"
+        name, options, problem = _split_entry(entry)
+        if problem:
+            problems.append(f"{where}: {problem}, got {entry!r}")
+            continue
+        assert name is not None and options is not None
+        for key, value in options.items():
+            if not isinstance(key, str) or not key:
+                problems.append(f"{where}.options: option names are text, got {key!r}")
+            elif value is None or not isinstance(value, (str, int, float, bool)):
+                problems.append(
+                    f"{where}.options.{key}: a provider option is a scalar (text, number or "
+                    f"true/false), got {value!r}"
+                )
+        resolved = resolve_provider_name(name)
+        if resolved in seen:
+            problems.append(f"{where}: {resolved} is already providers[{seen[resolved]}]")
+        seen.setdefault(resolved, i)
+    return problems
+
+
+def _split_entry(entry: Any) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(name, options, None) of one provider entry, or (None, None, why it is malformed)."""
+    form = "a provider is a name, [name, {options}] or {name: ..., options: {...}}"
+    if isinstance(entry, str):
+        return (entry, {}, None) if entry.strip() else (None, None, "empty provider name")
+    if isinstance(entry, (tuple, list)):
+        if len(entry) != 2 or not isinstance(entry[0], str) or not entry[0].strip():
+            return None, None, form
+        if entry[1] is None:
+            return entry[0], {}, None
+        if not isinstance(entry[1], Mapping):
+            return None, None, f"the options of [name, options] must be a mapping ({form})"
+        return entry[0], dict(entry[1]), None
+    if isinstance(entry, Mapping):
+        unknown = sorted(str(k) for k in entry if k not in ("name", "options"))
+        if unknown:
+            return None, None, f"unknown key(s) {unknown}: {form}"
+        name, options = entry.get("name"), entry.get("options")
+        if not isinstance(name, str) or not name.strip():
+            return None, None, f"'name' must be a provider name ({form})"
+        if options is None:
+            return name, {}, None
+        if not isinstance(options, Mapping):
+            return None, None, f"'options' must be a mapping ({form})"
+        return name, dict(options), None
+    return None, None, form
+
+
+def normalize_providers(providers: Any) -> list[Provider]:
+    """Entries in any accepted form -> onnxruntime's: a name, or ``(name, options)``.
+
+    Aliases are resolved; ``ConfigError`` lists every malformed entry with its index.
+    """
+    problems = provider_problems(providers)
+    if problems:
+        raise ConfigError("onnxruntime: " + "; ".join(problems))
     if isinstance(providers, str):
         providers = [providers]
     result: list[Provider] = []
-    for p in providers:
-        if isinstance(p, str):
-            result.append(p)
-        elif isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Mapping):
-            result.append((p[0], dict(p[1])))
-        else:
-            raise ConfigError(f"onnxruntime: a provider is a name or (name, options), got {p!r}")
-    if not result:
-        raise ConfigError("onnxruntime: providers is empty")
-    missing = [n for n in (p if isinstance(p, str) else p[0] for p in result) if n not in available]
-    if missing:
-        raise BackendUnavailableError(
-            f"onnxruntime provider(s) {missing} not available here; this onnxruntime has {available}"
-        )
+    for entry in providers:
+        name, options, _ = _split_entry(entry)
+        assert name is not None and options is not None
+        resolved = resolve_provider_name(name)
+        # a bare name stays a bare name: describe() (a fingerprint) reads as it did
+        result.append((resolved, options) if options or not isinstance(entry, str) else resolved)
     return result
+
+
+def _check_available(
+    providers: list[Provider], available: Sequence[str], *, fallback: bool
+) -> tuple[list[Provider], list[str]]:
+    """(providers to use, providers dropped); ``BackendUnavailableError`` when one is missing
+    and ``fallback`` is off."""
+    missing = [n for n in _names(providers) if n not in available]
+    if not missing:
+        return providers, []
+    if not fallback:
+        raise BackendUnavailableError(
+            f"onnxruntime provider(s) {missing} not available here; this onnxruntime has "
+            f"{list(available)}. {_install_hint(missing)}; or set fallback: true to drop "
+            f"them and run on the providers that are here"
+        )
+    kept = [p for p in providers if _name(p) not in missing]
+    return (kept or [CPU_PROVIDER]), missing
+
+
+def _install_hint(names: Sequence[str]) -> str:
+    hints = []
+    for n in names:
+        package = PROVIDER_PACKAGES.get(n)
+        if package:
+            hints.append(f"for {n}: {package}")
+        elif n in _all_providers():
+            hints.append(f"for {n}: an onnxruntime package or build that includes it")
+        else:
+            known = sorted({*PROVIDER_ALIASES, *_all_providers()})
+            hints.append(f"{n} is not a provider this onnxruntime knows (names and aliases: {known})")
+    return "; ".join(hints)
+
+
+def fallback_report(
+    requested: Sequence[str],
+    registered: Sequence[str],
+    used: Mapping[str, int] | None,
+    *,
+    dropped: Sequence[str] = (),
+) -> tuple[bool, str | None]:
+    """Whether a requested non-CPU provider runs none of a block's nodes, and why.
+
+    Three ways it happens: dropped for being unavailable (``fallback``), not registered
+    by onnxruntime (its libraries failed to load), or registered but handed no node
+    (it supports none of the block's ops, or declined the graph). With ``used``
+    unknown only the first two can be seen. A block without nodes cannot fall back.
+    """
+    reasons: list[str] = []
+    total = sum(used.values()) if used is not None else None
+    for name in requested:
+        if name == CPU_PROVIDER:
+            continue
+        if name in dropped:
+            reasons.append(f"{name} is not available here (dropped)")
+        elif name not in registered:
+            reasons.append(f"{name} did not register (its libraries or driver failed to load)")
+        elif used is not None and total and not used.get(name):
+            reasons.append(f"{name} runs none of the {total} nodes")
+    if not reasons:
+        return False, None
+    cpu = f"{used.get(CPU_PROVIDER, 0)} of {total} nodes" if used is not None and total else "the nodes"
+    return True, "silent CPU fallback: " + "; ".join(reasons) + f"; {CPU_PROVIDER} runs {cpu}"
+
+
+def _assignment(session: Any) -> dict[str, int] | None:
+    """Provider -> nodes it was given, from onnxruntime's record; None when it has none."""
+    get = getattr(session, "get_provider_graph_assignment_info", None)
+    if get is None:
+        return None
+    try:
+        subgraphs = get()
+    except Exception:  # the record was not kept (an onnxruntime that ignores the key)
+        return None
+    counts: dict[str, int] = {}
+    for sub in subgraphs:
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts
+
+
+def _name(p: Provider) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def _names(providers: Sequence[Provider]) -> list[str]:
+    return [_name(p) for p in providers]
+
+
+@lru_cache(maxsize=1)
+def _all_providers() -> tuple[str, ...]:
+    """Every provider name this onnxruntime knows of (built in or not); empty without it."""
+    try:
+        return tuple(_ort().get_all_providers())
+    except ImportError:
+        return ()
 
 
 def _norm(domain: str) -> str:

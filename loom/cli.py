@@ -129,16 +129,29 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from loom.profile import ensure_partitions, format_summary, profile_device, summarize
 
     device = load_device_profile(a.device)
-    if a.family:
-        families = [load_family(f) for f in a.family]
+    if a.partition:  # partitions made before (on another machine, for --remote): no family is re-cut
+        from loom.partition import load_partition
+
+        partitions = [load_partition(p) for p in a.partition]
     else:
-        zoo = Path(a.zoo) if a.zoo else default_zoo()
-        families = [load_family(zoo / t) for t in zoo_tasks(zoo)]
-    partitions = ensure_partitions(families, a.partitions, k=a.k)
+        if a.family:
+            families = [load_family(f) for f in a.family]
+        else:
+            zoo = Path(a.zoo) if a.zoo else default_zoo()
+            families = [load_family(zoo / t) for t in zoo_tasks(zoo)]
+        partitions = ensure_partitions(families, a.partitions, k=a.k)
     out = Path(a.out) if a.out else Path("profiles/data") / device.name
-    data = profile_device(partitions, device, out, warmup=a.warmup, repeats=a.repeats,
-                          config_samples=a.config_samples, seed=a.seed, resume=not a.no_resume,
-                          allow_mixed=a.allow_mixed, processors=a.processor)
+    if a.remote:
+        from loom.remote import remote_profile
+
+        data = remote_profile(partitions, a.device, out, a.remote, python=a.remote_python, warmup=a.warmup,
+                              repeats=a.repeats, config_samples=a.config_samples, seed=a.seed,
+                              resume=not a.no_resume, allow_mixed=a.allow_mixed, processors=a.processor,
+                              keep_remote=a.keep_remote, timeout=a.remote_timeout)
+    else:
+        data = profile_device(partitions, device, out, warmup=a.warmup, repeats=a.repeats,
+                              config_samples=a.config_samples, seed=a.seed, resume=not a.no_resume,
+                              allow_mixed=a.allow_mixed, processors=a.processor)
     print(format_summary(summarize(data)))
     print(f"wrote {out / 'blocks.csv'}, {out / 'configs.csv'} and {out / 'meta.json'}")
     return 0
@@ -289,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--zoo", help="every family of this zoo (default: the embedded zoo)")
     src.add_argument("--family", action="append", help="a family folder or family.yaml (repeatable)")
+    src.add_argument("--partition", action="append",
+                     help="an existing partition folder or partition.yaml, profiled as it is (repeatable)")
     p.add_argument("-k", "--k", type=int, default=3)
     p.add_argument("--out", help="dataset folder (default profiles/data/<device>)")
     p.add_argument("--partitions", default="out/partitions",
@@ -300,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processor", action="append", help="profile only this processor of the device (repeatable)")
     p.add_argument("--allow-mixed", action="store_true", help="add rows measured on other hardware or software")
     p.add_argument("--no-resume", action="store_true", help="start the dataset over (deletes its rows)")
+    p.add_argument("--remote", metavar="URL",
+                   help="profile on another machine: ssh://[user@]host[:port]/path or adb://[SERIAL]/path "
+                        "(blocks, data, device profile and sparseloom's source are sent to path/loomjob; "
+                        "the target needs sparseloom's dependencies); the dataset comes back to --out")
+    p.add_argument("--remote-python", default="python3",
+                   help="the target's Python that has sparseloom's dependencies (default python3)")
+    p.add_argument("--remote-timeout", type=float, help="seconds the profiling may take on the target")
+    p.add_argument("--keep-remote", action="store_true", help="leave the job folder on the target")
     p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("fit", help="fit the latency and accuracy estimators from a profile dataset and a few measured configs")

@@ -13,6 +13,11 @@ an option the backend does not take) together, in one ``ConfigError``.
 Units: ``bandwidth_gbps`` is gigaBYTES per second (1e9 bytes/s), the unit SoC memory
 buses and interconnects are quoted in; ``latency_us`` is the fixed cost of one
 hand-off, in microseconds.
+
+A processor may carry ``characteristics``: datasheet figures (peak throughput per
+precision, memory bandwidth, launch cost) for what cannot be measured on this machine.
+The simulator and the latency estimator's processor features read them; nothing that
+runs blocks does, and they are no part of a profile's hardware fingerprint.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -34,6 +39,39 @@ if TYPE_CHECKING:  # importing backends.base at run time would pull in onnx and 
 
 PROFILES_DIR = "profiles"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+#: precisions a processor's peak throughput may be quoted at
+PEAK_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int4")
+#: a datasheet figure: finite and >= 0
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Characteristics(Strict):
+    """Datasheet figures of a processor, for the simulator and the latency estimator.
+
+    All optional; every number is finite and >= 0. Say where each comes from in a YAML
+    comment (datasheet, paper, or "estimate: why").
+    """
+
+    #: peak dense throughput per precision (``fp32``, ``fp16``, ``int8``, ...), in GOPS
+    #: (1e9 operations per second; one multiply-accumulate is two operations)
+    peak_gops: dict[str, NonNegative] = Field(default_factory=dict)
+    #: the same with structured 2:4 sparsity, where the hardware exploits it (Ampere
+    #: tensor cores, NVDLA): what a sparse variant could reach there at best
+    sparse_peak_gops: dict[str, NonNegative] = Field(default_factory=dict)
+    #: memory bandwidth the processor can draw, GB/s (1e9 bytes/s; shared with the others on a SoC)
+    mem_gbps: NonNegative | None = None
+    #: fixed cost of starting one block (kernel launch, graph submit, NPU job), microseconds
+    launch_us: NonNegative | None = None
+    #: power the processor draws at its peak, watts (for energy estimates)
+    power_w: NonNegative | None = None
+
+    @field_validator("peak_gops", "sparse_peak_gops")
+    @classmethod
+    def _precisions(cls, table: dict[str, float]) -> dict[str, float]:
+        unknown = [p for p in table if p not in PEAK_PRECISIONS]
+        if unknown:
+            raise ValueError(f"{unknown} not precision(s); use {list(PEAK_PRECISIONS)}")
+        return table
 
 
 class Processor(Strict):
@@ -57,6 +95,20 @@ class Processor(Strict):
     dispatch_us: float = Field(default=0.0, ge=0)
     #: where the figures come from (measured how, or which datasheet)
     source: str = ""
+    #: datasheet figures for the simulator and the estimators (optional)
+    characteristics: Characteristics | None = None
+
+    def estimator_options(self, precision: str = "fp32") -> dict[str, Any]:
+        """The options ``estimators.features.processor_features`` reads, with the
+        characteristics' ``peak_gops`` (at ``precision``) and ``mem_gbps`` added."""
+        options = dict(self.options)
+        c = self.characteristics
+        if c is not None:
+            if precision in c.peak_gops:
+                options.setdefault("peak_gops", c.peak_gops[precision])
+            if c.mem_gbps is not None:
+                options.setdefault("mem_gbps", c.mem_gbps)
+        return options
 
     @field_validator("backend")
     @classmethod
@@ -245,11 +297,17 @@ def _option_problems(i: int, proc: dict[str, Any]) -> list[str]:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return []
     accepted = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "cores"]
-    return [
+    problems = [
         f"processors[{i}].options.{key}: backend {backend!r} takes no option {key!r}; it accepts {accepted}"
         for key in options
         if key not in accepted
     ]
+    # A backend may check the form of its options without being constructed (which
+    # needs its engine and devices): onnxruntime's providers list, for one.
+    check = getattr(backend_class(backend), "option_problems", None)
+    if callable(check):
+        problems += [f"processors[{i}].{p}" for p in check(options)]
+    return problems
 
 
 def parse_device_profile(data: dict[str, Any], *, source: str) -> DeviceProfile:

@@ -66,3 +66,11 @@ class SloUnservableError(LoomError, RuntimeError):
 
 class RuntimeClosedError(LoomError, RuntimeError):
     """The runtime was closed: no new requests, and requests cancelled by ``close(cancel=True)``."""
+
+
+class RemoteError(LoomError, RuntimeError):
+    """Work on another machine failed: it could not be reached, or a command there failed.
+
+    Names the target (``ssh:user@host:22``, ``adb:SERIAL``), the failing command, its exit
+    status and the tail of its stderr.
+    """
