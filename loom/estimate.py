@@ -19,6 +19,7 @@ Folder layout (``Estimates.save``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -359,6 +360,16 @@ def unsupported_pairs(data: ProfileDataset, partition: Partition) -> dict[tuple[
     return {k: v for k, v in out.items() if k not in ok}
 
 
+def dataset_digest(root: str | Path) -> str:
+    """A digest of a profile dataset's rows: estimates fitted on other rows are stale."""
+    h = hashlib.sha256()
+    for name in ("blocks.csv", "configs.csv"):
+        path = Path(root) / name
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def variant_facts(family: Family) -> dict[str, dict[str, Any]]:
     return {v.name: {"kind": v.kind, "sparsity": float(v.sparsity or 0.0), "precision": v.precision,
                      "accuracy": float(v.accuracy)} for v in family.variants if v.accuracy is not None}
@@ -385,7 +396,8 @@ def fit_estimates(
     say(f"latency: fitting on {len(rows.rows)} measured (block, processor) pairs")
     latency = LatencyEstimator().fit(rows.rows, rows.latency_ms)
     tasks: dict[str, TaskEstimates] = {}
-    notes: dict[str, Any] = {"latency": {"train_rows": len(rows.rows), "dataset": str(data.root)}, "accuracy": {}}
+    notes: dict[str, Any] = {"latency": {"train_rows": len(rows.rows), "dataset": str(data.root),
+                                         "dataset_sha256": dataset_digest(data.root)}, "accuracy": {}}
     for part in partitions:
         family = part.family()
         n = samples if samples is not None else accuracy_budget(len(part.variants) ** part.k)

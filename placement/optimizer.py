@@ -261,18 +261,25 @@ def _fastest_placements(t: _Tables, cfg: np.ndarray, one_processor: bool) -> tup
 
 
 def _evaluate_pairs(t: _Tables, cfg: np.ndarray, pl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Latency (n,) and per-processor busy ms (n, P) of config row i on placement row i."""
+    """Latency (n,) and per-processor busy ms (n, P) of config row i on placement row i.
+
+    Busy time counts the dispatch cost on the first processor and each hand-off on the
+    receiving one, as ``Plan.processor_ms`` does (see there why).
+    """
     n, K = cfg.shape
     P = len(t.processors)
     rows = np.arange(n)
     lat = t.dispatch[pl[:, 0]].copy()
     busy = np.zeros((n, P))
+    busy[rows, pl[:, 0]] += lat
     for s in range(K):
         b = t.ms[cfg[:, s], s, pl[:, s]]
         lat += b
         busy[rows, pl[:, s]] += b  # inf for unrunnable plans, which their latency drops
         if s < K - 1:
-            lat += t.xfer[cfg[:, s], s, pl[:, s], pl[:, s + 1]]
+            x = t.xfer[cfg[:, s], s, pl[:, s], pl[:, s + 1]]
+            lat += x
+            busy[rows, pl[:, s + 1]] += x
     return lat, busy
 
 
