@@ -583,6 +583,7 @@ class Runtime:
             below = req.plan.accuracy < req.floor
             if error is None:
                 status, below = slo_status(latency, req.bound_ms, req.plan.accuracy, req.floor)
+                self.scheduler.observe_completion(req.plan, req.decision.predicted_finish_s, end)
             record = RequestRecord(
                 id=req.id, task=req.binding.task, policy=self.policy_name, arrival_s=req.arrival_s,
                 start_s=req.start_s, end_s=end, latency_ms=latency, latency_bound_ms=req.bound_ms,

@@ -57,7 +57,7 @@ from loom.correction import CorrectionView, LatencyCorrector
 from loom.errors import ConfigError
 from placement.plan import Plan
 
-__all__ = ["ON_UNSERVABLE", "Decision", "Reservation", "Scheduler", "dispatch_ms"]
+__all__ = ["ON_UNSERVABLE", "Decision", "Reservation", "Scheduler", "dispatch_ms", "processor_set"]
 
 ON_UNSERVABLE = ("violate", "reject")
 
@@ -166,6 +166,11 @@ class _Table:
         return ready, cms.sum(axis=1)
 
 
+def processor_set(plan: Plan) -> tuple[str, ...]:
+    """What a plan's residual is learned by: the processors it uses (few keys, each well observed)."""
+    return tuple(sorted(set(plan.placement)))
+
+
 #: below this many candidates a plain loop is as fast as the arrays
 _VECTOR_MIN = 24
 
@@ -190,6 +195,67 @@ class Scheduler:
         self._static: dict[int, tuple[Plan, _Static]] = {}
         #: id(candidate list) -> its arrays (a task's list lives until set_candidates)
         self._tables: dict[int, _Table] = {}
+        #: task -> {(config, placement): share} from the joint assignment, and how often
+        #: each was chosen since (see ``set_mix``)
+        self._mix: dict[str, dict[tuple[tuple[str, ...], tuple[str, ...]], float]] = {}
+        self._chosen: dict[str, dict[tuple[tuple[str, ...], tuple[str, ...]], int]] = {}
+        #: processor set -> mean (measured end - predicted finish), seconds
+        self._residual: dict[tuple[str, ...], float] = {}
+        self.residual_alpha = 0.05
+
+    # -- what predictions miss -------------------------------------------------------------
+    def observe_completion(self, plan: Plan, predicted_finish_s: float, end_s: float) -> None:
+        """Learn how much later than predicted requests on ``plan``'s processors end.
+
+        Block latencies are corrected one by one (``loom.correction``); the rest of a
+        request's way is not: the engine waking after an idle spell, the Python around
+        each hand-off, a worker preempted by the threads that submit. On the host,
+        a text request on the OpenVINO core took 4.4 ms for 1.5 ms predicted while
+        its blocks alone ran close to their prediction. The mean residual per processor
+        set (exponentially weighted, ``residual_alpha``) is what ``residual_ms`` gives the
+        planner, which adds it to the plans' latencies when it re-plans.
+        """
+        key = processor_set(plan)
+        err = end_s - predicted_finish_s
+        with self._lock:
+            old = self._residual.get(key)
+            self._residual[key] = err if old is None else old + self.residual_alpha * (err - old)
+
+    def residual_ms(self, plan: Plan) -> float:
+        """The learned mean residual (ms) of requests on ``plan``'s processors (0 before any)."""
+        return max(0.0, self._residual.get(processor_set(plan), 0.0) * 1e3)
+
+    def residuals(self) -> dict[str, float]:
+        """Learned residual (ms) per processor set, for reports."""
+        with self._lock:
+            return {"+".join(k): v * 1e3 for k, v in self._residual.items()}
+
+    # -- the planned mix ------------------------------------------------------------------
+    def set_mix(self, task: str, shares: dict[tuple[tuple[str, ...], tuple[str, ...]], float] | None) -> None:
+        """Steer an adaptive task toward the joint assignment's mix of plans.
+
+        ``shares``: (config, placement) -> share of the task's requests, from
+        ``placement.optimizer.assign`` at the tasks' rates (the caller re-solves it when
+        rates or corrected latencies move). Why: the greedy per-request rule (least busy
+        time) fills the fastest processor first and spills only when the model predicts
+        a missed deadline. On the host that put every task on onnxruntime's core, where
+        image-cls's 6 ms blocks held up the 3 ms-bound small tasks (workers do not
+        preempt), while predictions made optimistic by the load said all was well: 33%
+        violations against 12% for the static split. The LP balances all tasks at once.
+
+        With a mix, a request takes the mix plan furthest behind its share (deficit
+        round robin) among those meeting the floor and predicted on time; when none is
+        on time, still the one furthest behind (the plan stays the plan: a spill to a
+        plan off the mix lands on the processor the LP kept free for another task).
+        ``None`` removes the mix: the greedy rule applies again.
+        """
+        with self._lock:
+            if shares:
+                total = sum(shares.values())
+                self._mix[task] = {k: v / total for k, v in shares.items() if v > 0}
+            else:
+                self._mix.pop(task, None)
+            self._chosen[task] = {}
 
     # -- backlog --------------------------------------------------------------------------
     def free_at(self, now_s: float, *, deadline_s: float = math.inf, priority: float = 0.0) -> dict[str, float]:
@@ -312,6 +378,11 @@ class Scheduler:
                 return Decision(None, math.inf, False, f"fixed plan {why}: rejected")
             return Decision(c.plan, c.finish_s, False, f"fixed plan {why}", c.segment_ms)
 
+        mix = self._mix.get(task)
+        if mix:
+            picked = self._pick_from_mix(task, mix, candidates, now_s, deadline_s, floor, free, view, memo)
+            if picked is not None:
+                return picked
         best, earliest, n_accurate, n_feasible = self._best(candidates, now_s, deadline_s, floor, free, view, memo)
         if best is not None:
             c = self._price(best, candidates[best], now_s, free, view, memo)
@@ -330,6 +401,41 @@ class Scheduler:
         best = min(accurate, key=lambda c: (c.finish_s, c.index))
         return Decision(best.plan, best.finish_s, False, "no candidate meets the accuracy floor: most accurate",
                         best.segment_ms)
+
+    def _pick_from_mix(
+        self,
+        task: str,
+        mix: dict[tuple[tuple[str, ...], tuple[str, ...]], float],
+        candidates: Sequence[Plan],
+        now_s: float,
+        deadline_s: float,
+        floor: float,
+        free: dict[str, float],
+        view: CorrectionView,
+        memo: dict[tuple[str, str], float],
+    ) -> Decision | None:
+        chosen = self._chosen.setdefault(task, {})
+        total = sum(chosen.values()) + 1
+        best: tuple[float, float, float, _Priced] | None = None
+        for i, p in enumerate(candidates):
+            share = mix.get((p.config, p.placement))
+            if share is None or p.accuracy < floor:
+                continue
+            c = self._price(i, p, now_s, free, view, memo)
+            late = 0.0 if c.finish_s <= deadline_s else 1.0
+            key = (late, -(share * total - chosen.get((p.config, p.placement), 0)), c.finish_s)
+            if best is None or key < best[:3]:
+                best = (*key, c)
+        if best is None:
+            return None
+        c = best[3]
+        if best[0] and self.on_unservable == "reject":
+            return Decision(None, math.inf, False, "no plan of the mix predicted on time: rejected")
+        k = (c.plan.config, c.plan.placement)
+        chosen[k] = chosen.get(k, 0) + 1
+        on_time = best[0] == 0.0
+        why = "the planned mix: furthest behind its share" + ("" if on_time else " (none predicted on time)")
+        return Decision(c.plan, c.finish_s, on_time, why, c.segment_ms)
 
     def _best(
         self,

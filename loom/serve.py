@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from loom.config import POLICIES, SloConfig, load_slo_config
 from loom.correction import LatencyCorrector
 from loom.device import DeviceProfile, load_device_profile
 from loom.errors import ConfigError
-from loom.estimate import Estimates, fit_estimates, partition_features
+from loom.estimate import Estimates, dataset_digest, fit_estimates, partition_features
 from loom.family import Family
 from loom.metrics import MetricsCollector, RequestRecord, RssSampler, summarize
 from loom.partition import Partition
@@ -43,9 +43,11 @@ from loom.paths import REPO_ROOT
 from loom.profile import ensure_partitions, load_profile_dataset
 from loom.progress import say
 from loom.runtime import Runtime, TaskBinding
+from loom.scheduler import Scheduler
 from placement.optimizer import assign
 from placement.plan import Plan, TaskSpace
 from placement.policies import get_policy
+from placement.queueing import latency_aware_mix
 
 
 # -- the optimizer's view of a task ---------------------------------------------------------------
@@ -84,13 +86,15 @@ def load_or_fit_estimates(
             raise ConfigError(f"{cfg.source}: estimators: {cfg.estimators} has no estimates for tasks {missing}")
         return est
     folder = REPO_ROOT / "out" / "estimates" / device.name
+    data_dir = REPO_ROOT / "profiles" / "data" / device.name
     if (folder / "estimates.json").is_file() and not refit:
         est = Estimates.load(folder)
         same = all(p.task in est.tasks and est.tasks[p.task].partition.root.resolve() == p.root.resolve()
                    and set(est.tasks[p.task].partition.blocks) == set(p.blocks) for p in partitions)
-        if same and est.device == device.name:
+        # fitted on the dataset as it is now (a re-profile makes them stale)
+        fresh = est.notes.get("latency", {}).get("dataset_sha256") == dataset_digest(data_dir)
+        if same and fresh and est.device == device.name:
             return est
-    data_dir = REPO_ROOT / "profiles" / "data" / device.name
     say(f"fitting estimators for {device.name} from {data_dir} (once; saved to {folder})")
     data = load_profile_dataset(data_dir)
     est = fit_estimates(partitions, data, device, progress=say)
@@ -148,6 +152,30 @@ class Deployment:
                     plans[task] = [first] + [p for p in plans[task] if p != first]
         return plans
 
+    def mixes(self, plans: Mapping[str, list[Plan]], *, t_s: float = 0.0,
+              corrector: LatencyCorrector | None = None, now_s: float | None = None,
+              scheduler: Scheduler | None = None) -> dict[str, dict]:
+        """The planned share of each candidate, per task, at the configured rates (``latency_aware_mix``).
+
+        With a ``corrector``, block latencies are first scaled by what it has learned
+        (a processor that slowed down gets less of the load; when it recovers its
+        factor relaxes and the load comes back), and with the runtime's ``scheduler``
+        each plan's latency also carries what requests on its processors took beyond
+        their prediction (``Scheduler.residual_ms``).
+        """
+        bounds = {t.name: self.config.slo_at(t.name, t_s)[0] for t in self.config.tasks}
+        if corrector is not None and corrector.enabled:
+            view = corrector.view(now_s)
+            plans = {task: [self._corrected(p, view, scheduler) for p in ps] for task, ps in plans.items()}
+        return latency_aware_mix(plans, self.rates(), bounds)
+
+    def _corrected(self, plan: Plan, view: Any, scheduler: Scheduler | None = None) -> Plan:
+        block_ms = tuple(ms * view.multiplier(b, p) for b, p, ms in zip(plan.block_ids, plan.placement,
+                                                                           plan.block_ms, strict=True))
+        extra = scheduler.residual_ms(plan) if scheduler is not None else 0.0
+        return replace(plan, block_ms=block_ms,
+                       latency_ms=plan.latency_ms - sum(plan.block_ms) + sum(block_ms) + extra)
+
     def block_paths(self, task: str) -> dict[str, Path]:
         part = self.partitions[task]
         return {b: part.block_path(b) for b in part.blocks}
@@ -163,10 +191,16 @@ class Deployment:
             bindings.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
                                         latency_ms=lat, accuracy_floor=floor, priority=t.priority,
                                         output_name=self.families[t.name].manifest.output.name))
-        return Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
-                       on_unservable=self.config.on_unservable,
-                       correction=LatencyCorrector(enabled=enabled, decay=self.config.correction.decay),
-                       on_record=on_record)
+        rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
+                     on_unservable=self.config.on_unservable,
+                     correction=LatencyCorrector(enabled=enabled, decay=self.config.correction.decay),
+                     on_record=on_record)
+        if policy.adaptive:
+            # every adaptive policy is steered by the same joint assignment over its own
+            # candidates, so that a comparison isolates what each may choose
+            for task, shares in self.mixes(plans).items():
+                rt.scheduler.set_mix(task, shares)
+        return rt
 
     def inputs(self, task: str) -> np.ndarray:
         if task not in self._inputs:
@@ -195,6 +229,7 @@ def run_trace(
     correction: bool | None = None,
     rate_scale: float = 1.0,
     events: Sequence[tuple[float, Callable[[], None]]] = (),
+    replan_s: float = 1.0,
     progress: bool = True,
 ) -> RunResult:
     """Serve the config's seeded trace with one policy, open loop, and measure it.
@@ -219,8 +254,20 @@ def run_trace(
             def apply(task: str = t.name, at: float = ch.at_s) -> None:
                 lat, floor = cfg.slo_at(task, at)
                 rt.set_slo(task, latency_ms=lat, accuracy_floor=floor)
-                rt.set_candidates(task, dep.candidates(policy.name, t_s=at)[task])
+                plans = dep.candidates(policy.name, t_s=at)
+                rt.set_candidates(task, plans[task])
+                if policy.adaptive:
+                    rt.scheduler.set_mix(task, dep.mixes(plans, t_s=at)[task])
             changes.append((ch.at_s, apply))
+    if policy.adaptive and (correction if correction is not None else cfg.correction.enabled):
+        # re-solve the joint assignment with the corrected latencies every replan_s, so
+        # that load moves off a processor that slows down (and back when it recovers)
+        def replan() -> None:
+            plans = {t: rt.tasks[t].candidates for t in cfg.task_names}
+            for task, shares in dep.mixes(plans, t_s=time.perf_counter() - start, corrector=rt.corrector,
+                                          now_s=rt.now(), scheduler=rt.scheduler).items():
+                rt.scheduler.set_mix(task, shares)
+        changes += [(t, replan) for t in np.arange(replan_s, duration, replan_s)]
     timeline = sorted([*changes, *events], key=lambda e: e[0])
     futures: list[Future] = []
     errors: dict[str, int] = {}

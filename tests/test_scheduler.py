@@ -234,3 +234,27 @@ def test_arrays_agree_with_the_loop() -> None:
                 pa = s._price(a, cands[a], now, free, view, {})
                 pb = s._price(b, cands[b], now, free, view, {})
                 assert pa.busy_ms == pytest.approx(pb.busy_ms) and pa.finish_s == pytest.approx(pb.finish_s)
+
+
+def test_a_planned_mix_is_followed_by_its_shares() -> None:
+    s = Scheduler(["a", "b"])
+    fast = plan(("a",), (1.0,), config=("x",))
+    slow = plan(("b",), (2.0,), config=("x",))
+    s.set_mix("t", {(fast.config, fast.placement): 0.75, (slow.config, slow.placement): 0.25})
+    picks = [choose(s, [fast, slow], now=i * 1.0).plan for i in range(40)]  # idle between requests
+    assert picks.count(fast) == 30 and picks.count(slow) == 10  # greedy alone would take `fast` 40 times
+    s.set_mix("t", None)
+    assert all(choose(s, [fast, slow], now=100.0 + i).plan is fast for i in range(5))
+
+
+def test_a_mix_prefers_on_time_plans_and_rejects_when_told() -> None:
+    s = Scheduler(["a", "b"])
+    quick = plan(("a",), (1.0,), config=("q",))
+    late = plan(("b",), (50.0,), config=("l",))
+    s.set_mix("t", {(late.config, late.placement): 0.9, (quick.config, quick.placement): 0.1})
+    d = choose(s, [quick, late], deadline_ms=10.0)
+    assert d.plan is quick and d.feasible  # the share says `late`, the deadline says no
+    s2 = Scheduler(["a", "b"], on_unservable="reject")
+    s2.set_mix("t", {(late.config, late.placement): 1.0})
+    d = choose(s2, [quick, late], deadline_ms=10.0)
+    assert d.plan is None and not d.feasible
