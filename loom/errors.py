@@ -74,3 +74,8 @@ class RemoteError(LoomError, RuntimeError):
     Names the target (``ssh:user@host:22``, ``adb:SERIAL``), the failing command, its exit
     status and the tail of its stderr.
     """
+
+
+class BlockIntegrityError(LoomError, ValueError):
+    """A stored block's bytes do not hash to what the block store recorded (or the file is
+    gone). Names the block and the file."""
