@@ -172,7 +172,10 @@ class Deployment:
     def _corrected(self, plan: Plan, view: Any, scheduler: Scheduler | None = None) -> Plan:
         block_ms = tuple(ms * view.multiplier(b, p) for b, p, ms in zip(plan.block_ids, plan.placement,
                                                                            plan.block_ms, strict=True))
-        extra = scheduler.residual_ms(plan) if scheduler is not None else 0.0
+        # capped at the plan's own latency: the residual also holds queueing under
+        # overload, which the mix's queueing model counts already; uncapped, a loaded
+        # processor looked so slow that every task left it at once (and came back)
+        extra = min(scheduler.residual_ms(plan), plan.latency_ms) if scheduler is not None else 0.0
         return replace(plan, block_ms=block_ms,
                        latency_ms=plan.latency_ms - sum(plan.block_ms) + sum(block_ms) + extra)
 
@@ -262,11 +265,20 @@ def run_trace(
     if policy.adaptive and (correction if correction is not None else cfg.correction.enabled):
         # re-solve the joint assignment with the corrected latencies every replan_s, so
         # that load moves off a processor that slows down (and back when it recovers)
+        current: dict[str, dict] = dep.mixes({t: rt.tasks[t].candidates for t in cfg.task_names})
+
         def replan() -> None:
             plans = {t: rt.tasks[t].candidates for t in cfg.task_names}
-            for task, shares in dep.mixes(plans, t_s=time.perf_counter() - start, corrector=rt.corrector,
-                                          now_s=rt.now(), scheduler=rt.scheduler).items():
-                rt.scheduler.set_mix(task, shares)
+            fresh = dep.mixes(plans, t_s=time.perf_counter() - start, corrector=rt.corrector, now_s=rt.now(),
+                              scheduler=rt.scheduler)
+            for task, shares in fresh.items():
+                # move half way each time: the measurements that drive a re-plan change
+                # with the plan itself, and a full jump makes the load swing back and forth
+                old = current.get(task, {})
+                keys = set(old) | set(shares)
+                blended = {k: 0.5 * old.get(k, 0.0) + 0.5 * shares.get(k, 0.0) for k in keys}
+                current[task] = {k: v for k, v in blended.items() if v > 0.01}
+                rt.scheduler.set_mix(task, current[task])
         changes += [(t, replan) for t in np.arange(replan_s, duration, replan_s)]
     timeline = sorted([*changes, *events], key=lambda e: e[0])
     futures: list[Future] = []
