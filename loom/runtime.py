@@ -16,9 +16,18 @@ request's first segment runs on A while the previous one's second runs on B.
 
 Blocks. Each processor has a ``BlockCache``: ``get(block_id)`` returns the resident
 block, loading it on demand (on the worker's thread, so the load counts in that
-request's latency). With ``preload=True`` every block of every candidate plan is
-loaded on its processor at start. The cache is the hook for the memory-aware
-preloader: it replaces the all-at-start policy by deciding what stays resident.
+request's latency). With ``preload=True`` and no memory budget every block of every
+candidate plan is loaded on its processor at start.
+
+Memory budget (``memory_budget_mb`` and/or a ``loom.preload.Preloader``). The caches
+count the bytes of each resident block (``LoadedBlock.memory_bytes``, measured by the
+backend at load). Before a load, the preloader picks what to evict, coldest first,
+never a block of the requesting plan nor one a worker is running (``BlockCache.hold``),
+so that the total over all processors stays within budget + margin; a load whose
+bytes were underestimated is followed by a second round of evictions. With
+``preload=True`` only the preloader's initial set is loaded at start. The scheduler is
+told what is resident and what a load costs, so that it prefers resident plans when a
+load would break a deadline (``loom.scheduler``).
 
 Measurements. Each block's run time on its worker (the load excluded) feeds the
 ``LatencyCorrector``, whose corrected figures the scheduler uses for the next
@@ -55,6 +64,7 @@ import numpy as np
 from loom.correction import LatencyCorrector
 from loom.errors import BackendError, ConfigError, LoomError, RuntimeClosedError, SloUnservableError
 from loom.metrics import RequestRecord, slo_status
+from loom.preload import Key, Preloader, plan_keys
 from loom.scheduler import Decision, Reservation, Scheduler
 from placement.plan import Plan
 
@@ -96,31 +106,94 @@ class BlockCache:
     this: which blocks to keep, what to evict within a budget.
     """
 
-    def __init__(self, processor: str, backend: Backend, resolve: Callable[[str], Path]) -> None:
+    def __init__(
+        self, processor: str, backend: Backend, resolve: Callable[[str], Path], budget: _Budget | None = None
+    ) -> None:
         self.processor = processor
         self.backend = backend
         self._resolve = resolve
+        self._budget = budget
         self._blocks: dict[str, LoadedBlock] = {}
+        #: bytes each resident block holds (as measured at its load)
+        self._bytes: dict[str, int] = {}
+        #: seconds the last load of each block took (the scheduler's load estimate)
+        self._load_s: dict[str, float] = {}
+        #: blocks the worker is running now: other threads' evictions leave them alone
+        self._held: set[str] = set()
         self._lock = threading.Lock()
         self.loads = 0
+        self.evictions = 0
         self.load_seconds = 0.0
 
-    def get(self, block_id: str) -> LoadedBlock:
+    def get(self, block_id: str, protect: Sequence[Key] = ()) -> LoadedBlock:
+        """The resident block, loaded first when it is not (making room within the budget).
+
+        ``protect``: pairs the budget must not evict for this load (the plan being run).
+        """
         block = self._blocks.get(block_id)
         if block is None:
             path = self._resolve(block_id)
+            reserved = self._budget.before_load(self, block_id, protect) if self._budget is not None else 0
             t0 = time.perf_counter()
             try:
                 block = self.backend.load(path, block_id=block_id)
             except LoomError:
+                if self._budget is not None:
+                    self._budget.after_load(self, block_id, reserved, None)
                 raise
             except Exception as exc:  # an engine's own error type
+                if self._budget is not None:
+                    self._budget.after_load(self, block_id, reserved, None)
                 raise BackendError(f"loading block {block_id} on {self.processor}: {exc}") from exc
+            dt = time.perf_counter() - t0
+            nbytes = int(self.backend.memory_bytes(block))
+            if nbytes <= 0 and reserved > 0:
+                # a measured 0 (the allocator reused freed pages) would make the budget blind
+                nbytes = reserved
             with self._lock:
                 self._blocks[block_id] = block
+                self._bytes[block_id] = nbytes
+                self._load_s[block_id] = dt
                 self.loads += 1
-                self.load_seconds += time.perf_counter() - t0
+                self.load_seconds += dt
+            if self._budget is not None:
+                self._budget.after_load(self, block_id, reserved, nbytes, protect)
         return block
+
+    def hold(self, block_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._held = set(block_ids)
+
+    def unhold(self) -> None:
+        with self._lock:
+            self._held = set()
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def resident_bytes(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._bytes)
+
+    def load_ms(self, block_id: str) -> float | None:
+        """Predicted ms to load ``block_id`` here: its last load, else this cache's mean (None: no load yet)."""
+        with self._lock:
+            s = self._load_s.get(block_id)
+            if s is None and self.loads:
+                s = self.load_seconds / self.loads
+        return None if s is None else s * 1e3
+
+    def evict_unheld(self, block_id: str) -> int:
+        """Evict unless the worker is running it; the bytes freed (0 when kept or absent)."""
+        with self._lock:
+            if block_id in self._held or block_id not in self._blocks:
+                return 0
+            block = self._blocks.pop(block_id)
+            nbytes = self._bytes.pop(block_id, 0)
+            self.evictions += 1
+        self.backend.release(block)
+        return nbytes
 
     def is_resident(self, block_id: str) -> bool:
         return block_id in self._blocks
@@ -136,17 +209,90 @@ class BlockCache:
     def evict(self, block_id: str) -> None:
         with self._lock:
             block = self._blocks.pop(block_id, None)
+            self._bytes.pop(block_id, None)
+            if block is not None:
+                self.evictions += 1
         if block is not None:
             self.backend.release(block)
 
     def release_all(self) -> None:
         with self._lock:
             blocks, self._blocks = list(self._blocks.values()), {}
+            self._bytes = {}
         for b in blocks:
             try:
                 self.backend.release(b)
             except Exception:  # releasing at close must not hide the other releases
                 log.exception("releasing block %s on %s", b.block_id, self.processor)
+
+
+class _Budget:
+    """The memory budget over all processors' caches, enforced through the preloader's choices.
+
+    Called on the loading worker's thread. One lock serializes the room-making of
+    concurrent loads on different processors, and the bytes of loads in progress are
+    reserved, so that two loads cannot both count the same free room.
+    """
+
+    def __init__(
+        self,
+        preloader: Preloader,
+        caches: Callable[[], dict[str, BlockCache]],
+        estimate: Callable[[str, str], int],
+        now: Callable[[], float],
+    ) -> None:
+        self.preloader = preloader
+        self._caches = caches
+        self._estimate = estimate
+        self._now = now
+        self._lock = threading.Lock()
+        self.reserved = 0
+        #: loads that left the total above budget + margin (protected blocks alone filled it)
+        self.over_budget = 0
+        self.peak_bytes = 0
+
+    def _state(self) -> tuple[dict[str, BlockCache], dict[Key, int], set[Key]]:
+        caches = self._caches()
+        resident: dict[Key, int] = {}
+        held: set[Key] = set()
+        for p, c in caches.items():
+            resident.update({(b, p): n for b, n in c.resident_bytes().items()})
+            held.update((b, p) for b in c.held())
+        return caches, resident, held
+
+    def _evict(self, need: int, protect: set[Key]) -> bool:
+        caches, resident, held = self._state()
+        victims, ok = self.preloader.make_room(need + self.reserved, resident, protect | held, self._now())
+        for b, p in victims:
+            # a worker may have started running it since: then it stays, and we are short
+            freed = caches[p].evict_unheld(b)
+            if not freed and (b, p) in resident and resident[(b, p)]:
+                ok = False
+        return ok
+
+    def before_load(self, cache: BlockCache, block_id: str, protect: Sequence[Key]) -> int:
+        key = (block_id, cache.processor)
+        need = max(0, int(self._estimate(block_id, cache.processor)))
+        with self._lock:
+            if not self._evict(need, {key, *protect}):
+                log.warning("memory budget: loading %s on %s goes over budget + margin", *key)
+            self.reserved += need
+        return need
+
+    def after_load(
+        self, cache: BlockCache, block_id: str, reserved: int, nbytes: int | None, protect: Sequence[Key] = ()
+    ) -> None:
+        key = (block_id, cache.processor)
+        with self._lock:
+            self.reserved -= reserved
+            if nbytes is None:
+                return
+            self.preloader.note_size(key, nbytes)
+            # the estimate may have been short: a second round, the new block kept
+            if not self._evict(0, {key, *protect}):
+                self.over_budget += 1
+            _caches, resident, _held = self._state()
+            self.peak_bytes = max(self.peak_bytes, sum(resident.values()))
 
 
 # -- workers ------------------------------------------------------------------------------------
@@ -253,6 +399,8 @@ class Runtime:
         correction: LatencyCorrector | None = None,
         on_record: Callable[[RequestRecord], None] | None = None,
         preload: bool = True,
+        memory_budget_mb: float | None = None,
+        preloader: Preloader | None = None,
     ) -> None:
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
@@ -267,7 +415,25 @@ class Runtime:
         if device is not None:
             known += [p for p in device.processor_names if p not in self._given_backends]
         self.processors: list[str] = known
-        self.scheduler = Scheduler(known, corrector=self.corrector, on_unservable=on_unservable)
+        if memory_budget_mb is not None:
+            if not memory_budget_mb >= 0:
+                raise ConfigError(f"runtime: memory_budget_mb must be >= 0, got {memory_budget_mb}")
+            budget_bytes = int(memory_budget_mb * 2**20)
+            if preloader is None:
+                preloader = Preloader(budget_bytes)
+            else:
+                preloader.budget_bytes = budget_bytes
+        #: None: no budget, every block may stay resident (the behaviour before the preloader)
+        self.preloader = preloader
+        self._budget = (
+            _Budget(preloader, self._cache_map, self._estimate_bytes, self.now) if preloader is not None else None
+        )
+        self.scheduler = Scheduler(
+            known, corrector=self.corrector, on_unservable=on_unservable,
+            # loads are priced only under a budget: without one, blocks stay once loaded
+            resident=self._is_resident if preloader is not None else None,
+            load_ms=self._load_estimate_ms if preloader is not None else None,
+        )
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -294,10 +460,15 @@ class Runtime:
                 self._paths.update({b: Path(p) for b, p in binding.block_paths.items()})
             for p in self._given_backends:
                 self._worker(p)
-            if preload:
+            if self.preloader is not None:
+                self.preloader.set_candidates({t: b.candidates for t, b in self._tasks.items()})
+            pending: list[list[Future]] = []
+            if preload and self.preloader is not None:
+                pending = [self._preload_initial()]
+            elif preload:
                 pending = [self._preload(b.candidates) for b in self._tasks.values()]
-                for fut in (f for group in pending for f in group):
-                    fut.result()  # a block that cannot load here fails the construction
+            for fut in (f for group in pending for f in group):
+                fut.result()  # a block that cannot load here fails the construction
         except BaseException:
             self._shutdown_workers()
             raise
@@ -353,7 +524,7 @@ class Runtime:
             else:
                 raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
             worker = _EdfWorker(processor, backend)
-            self._caches[processor] = BlockCache(processor, backend, self._resolve)
+            self._caches[processor] = BlockCache(processor, backend, self._resolve, self._budget)
             self._workers[processor] = worker
             return worker
 
@@ -363,6 +534,58 @@ class Runtime:
             raise ConfigError(f"runtime: no file for block {block_id}")
         return path
 
+    # -- memory -------------------------------------------------------------------------------
+    def _cache_map(self) -> dict[str, BlockCache]:
+        with self._wlock:
+            return dict(self._caches)
+
+    def _estimate_bytes(self, block_id: str, processor: str) -> int:
+        """Bytes a load of the block will hold: measured (here, else elsewhere), else its file's size.
+
+        The file is mostly weights, which is what an engine's footprint mostly is; a
+        measurement replaces the guess after the first load.
+        """
+        assert self.preloader is not None
+        known = self.preloader.size((block_id, processor), -1)
+        if known >= 0:
+            return known
+        for p in self.processors:
+            known = self.preloader.size((block_id, p), -1)
+            if known >= 0:
+                return known
+        try:
+            return self._resolve(block_id).stat().st_size
+        except (OSError, ConfigError):
+            return 0
+
+    def _is_resident(self, block_id: str, processor: str) -> bool:
+        cache = self._caches.get(processor)
+        return cache is not None and cache.is_resident(block_id)
+
+    def _load_estimate_ms(self, block_id: str, processor: str) -> float:
+        """Predicted load ms: measured on this processor, else the mean over all loads so far (0 before any)."""
+        cache = self._caches.get(processor)
+        ms = cache.load_ms(block_id) if cache is not None else None
+        if ms is not None:
+            return ms
+        caches = list(self._caches.values())
+        loads = sum(c.loads for c in caches)
+        return sum(c.load_seconds for c in caches) / loads * 1e3 if loads else 0.0
+
+    def _preload_initial(self) -> list[Future]:
+        """Load the preloader's initial set (within the budget), each on its processor's thread."""
+        assert self.preloader is not None
+        candidates = {t: b.candidates for t, b in self._tasks.items()}
+        sizes = {
+            (b, p): self._estimate_bytes(b, p)
+            for plans in candidates.values() for plan in plans for b, p in plan_keys(plan)
+        }
+        chosen = self.preloader.initial_set(candidates, {t: 1.0 for t in candidates}, sizes, now_s=self.now())
+        wanted: dict[str, list[str]] = {}
+        for b, p in sorted(chosen):
+            wanted.setdefault(p, []).append(b)
+        return self._load_on_workers(wanted)
+
     def _preload(self, plans: Sequence[Plan]) -> list[Future]:
         """Load every block of ``plans`` on its processor, on that processor's thread."""
         wanted: dict[str, list[str]] = {}
@@ -370,6 +593,9 @@ class Runtime:
             for b, p in zip(plan.block_ids, plan.placement, strict=True):
                 if b not in wanted.setdefault(p, []):
                     wanted[p].append(b)
+        return self._load_on_workers(wanted)
+
+    def _load_on_workers(self, wanted: Mapping[str, list[str]]) -> list[Future]:
         futures = []
         for proc, ids in wanted.items():
             worker = self._worker(proc)
@@ -432,6 +658,8 @@ class Runtime:
         if req is None:
             self._reject(rid, binding, arrival, bound, decision, future)
             return future
+        if self.preloader is not None:
+            self.preloader.record_use(req.plan, arrival)  # what is hot follows what is chosen
         self._enqueue(req, 0, dict(inputs))
         return future
 
@@ -454,6 +682,7 @@ class Runtime:
 
         With ``preload`` their blocks start loading at once, ahead of queued requests;
         this call does not wait for them (a request needing one still loading waits).
+        Under a memory budget they are loaded on demand instead.
         """
         with self._lock:
             binding = self._binding(task)
@@ -462,7 +691,12 @@ class Runtime:
             self._paths.update({b: Path(p) for b, p in new.block_paths.items()})
             self._tasks[task] = new
             closed = self._closed
-        if self.preload and not closed:
+            candidates = {t: b.candidates for t, b in self._tasks.items()}
+        if self.preloader is not None:
+            # under a budget new blocks load on demand (evicting the coldest), keeping what
+            # the tracker learned; loading them all here could evict the hot ones
+            self.preloader.set_candidates(candidates)
+        elif self.preload and not closed:
             for fut in self._preload(new.candidates):
                 fut.add_done_callback(self._note_preload_error)
 
@@ -504,10 +738,24 @@ class Runtime:
             "reserved_segments": self.scheduler.reserved(),
             "backlog_ms": self.scheduler.backlog_ms(now),
             "resident": {p: c.resident() for p, c in caches.items()},
-            "resident_bytes": {p: c.memory_bytes() for p, c in caches.items()},
+            "resident_bytes": {p: sum(c.resident_bytes().values()) for p, c in caches.items()},
+            "loads": {p: c.loads for p, c in caches.items()},
+            "evictions": {p: c.evictions for p, c in caches.items()},
+            "load_seconds": {p: c.load_seconds for p, c in caches.items()},
+            "memory": self._memory_stats(caches),
             "preload_errors": preload_errors,
             "correction": self.corrector.snapshot(now),
         }
+
+    def _memory_stats(self, caches: Mapping[str, BlockCache]) -> dict[str, Any]:
+        total = sum(sum(c.resident_bytes().values()) for c in caches.values())
+        out: dict[str, Any] = {"resident_bytes": total, "budget_bytes": None, "margin_bytes": None}
+        if self.preloader is not None and self._budget is not None:
+            out.update(
+                budget_bytes=self.preloader.budget_bytes, margin_bytes=self.preloader.margin_bytes,
+                over_budget=self._budget.over_budget, peak_bytes=self._budget.peak_bytes,
+            )
+        return out
 
     # -- running a request ---------------------------------------------------------------------
     def _enqueue(self, req: _Request, i: int, env: dict[str, np.ndarray]) -> None:
@@ -530,10 +778,13 @@ class Runtime:
         if req.start_s is None:
             req.start_s = now
         block_id = req.plan.block_ids[slots[0]]
+        # held while the segment runs: a load on another worker must not evict them
+        cache.hold([req.plan.block_ids[s] for s in slots])
+        protect = plan_keys(req.plan) if self._budget is not None else ()
         try:
             for s in slots:
                 block_id = req.plan.block_ids[s]
-                block = cache.get(block_id)  # on demand when not resident: counted in latency
+                block = cache.get(block_id, protect)  # on demand when not resident: counted in latency
                 t0 = self.now()
                 out = backend.run(block, {n: env[n] for n in block.input_names if n in env})
                 t1 = self.now()
@@ -549,6 +800,8 @@ class Runtime:
             err.__cause__ = exc
             self._end(req, error=err)
             return
+        finally:
+            cache.unhold()
         self.scheduler.finish(reservation)
         if i + 1 < len(req.segments):
             if not req.ended:

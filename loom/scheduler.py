@@ -37,6 +37,13 @@ still predicted, and ``"reject"`` applies to it as well: rejecting is an admissi
 of the runtime, not a choice of plan, and applying it to every policy keeps
 comparisons fair.
 
+Residency (optional, ``resident`` and ``load_ms``): a block that is not resident on
+its processor is loaded on demand inside the request's job, so its predicted load
+time is added to that segment (its finish and its busy time, hence its reservation).
+Plans whose blocks are resident then win whenever a load would break the deadline,
+and, among feasible plans, unless the load is cheaper than the busy time it saves.
+Without them every block counts as resident (the behaviour before the preloader).
+
 Cost: one lock-free snapshot of the corrector per decision; a task's candidate list is
 turned into arrays once (``_Table``) and each decision is then k vector steps over all
 candidates: about 0.2 ms for 300 candidates on the 2-core development machine (short
@@ -48,7 +55,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,11 +161,14 @@ class _Table:
         return len(plans) == len(self.plans) and all(a is b for a, b in zip(plans, self.plans, strict=True))
 
     def price(
-        self, now_s: float, free: dict[str, float], view: CorrectionView
+        self, now_s: float, free: dict[str, float], view: CorrectionView,
+        load_ms: Callable[[str, str], float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted finish (s) and corrected busy ms of every candidate."""
+        """Predicted finish (s) and corrected busy ms of every candidate (loads included)."""
         mult = np.array([view.multiplier(b, p) for b, p in self.pairs]) if view.enabled else None
         cms = self.ms * mult[self.pair] if mult is not None else self.ms
+        if load_ms is not None:
+            cms = cms + np.array([load_ms(b, p) for b, p in self.pairs])[self.pair]
         free_v = np.array([free.get(p, now_s) for p in self.procs])
         ready = now_s + self.dispatch_s
         for s in range(self.ms.shape[1]):
@@ -184,11 +194,18 @@ class Scheduler:
         *,
         corrector: LatencyCorrector | None = None,
         on_unservable: str = "violate",
+        resident: Callable[[str, str], bool] | None = None,
+        load_ms: Callable[[str, str], float] | None = None,
     ) -> None:
         if on_unservable not in ON_UNSERVABLE:
             raise ConfigError(f"on_unservable must be one of {list(ON_UNSERVABLE)}, got {on_unservable!r}")
         self.corrector = corrector
         self.on_unservable = on_unservable
+        #: (block, processor) -> is it loaded there; with ``load_ms``, the predicted ms of
+        #: loading it (see the module's note on residency). Either missing: no load priced.
+        self.resident = resident
+        self.load_ms = load_ms
+        self._load: Callable[[str, str], float] | None = None
         self._lock = threading.Lock()
         self._reservations: dict[str, dict[int, Reservation]] = {p: {} for p in processors}
         self._ids = itertools.count()
@@ -285,6 +302,23 @@ class Scheduler:
             return {p: len(rs) for p, rs in self._reservations.items()}
 
     # -- choosing -------------------------------------------------------------------------
+    def _load_cost(self) -> Callable[[str, str], float] | None:
+        """ms a decision adds for a pair's load: 0 when resident; None when loads are not priced."""
+        resident, load_ms = self.resident, self.load_ms
+        if resident is None or load_ms is None:
+            return None
+        cache: dict[tuple[str, str], float] = {}
+
+        def cost(block: str, processor: str) -> float:
+            # one answer per pair per decision: residency may change under us, and the
+            # callables may be slow (they read the caches)
+            v = cache.get((block, processor))
+            if v is None:
+                v = cache[(block, processor)] = 0.0 if resident(block, processor) else float(load_ms(block, processor))
+            return v
+
+        return cost
+
     def _view(self, now_s: float) -> CorrectionView:
         return self.corrector.view(now_s) if self.corrector is not None else CorrectionView(False)
 
@@ -316,6 +350,7 @@ class Scheduler:
         The hot loop of a decision: plain floats and dict lookups only.
         """
         dispatch_s, segs = self._structure(plan)
+        load = self._load
         ready = now_s + dispatch_s
         busy = 0.0
         seg_ms: list[float] = []
@@ -327,6 +362,8 @@ class Scheduler:
                 if mult is None:
                     mult = memo[pair] = view.multiplier(*pair)
                 ms += predicted * mult
+                if load is not None:
+                    ms += load(*pair)
             # a processor no reservation knows of is free now
             free_s = free.get(proc, now_s)
             if free_s > ready:
@@ -367,6 +404,8 @@ class Scheduler:
         free = self._free_at(now_s, (deadline_s, -priority))
         view = self._view(now_s)
         memo: dict[tuple[str, str], float] = {}
+        # set under the lock, read by every pricing of this decision
+        self._load = self._load_cost()
         if not adaptive:
             c = self._price(0, candidates[0], now_s, free, view, memo)
             accurate = c.plan.accuracy >= floor
@@ -459,7 +498,7 @@ class Scheduler:
             if len(self._tables) > 256:
                 self._tables.clear()
             table = self._tables[id(candidates)] = _Table(candidates)
-        finish, busy = table.price(now_s, free, view)
+        finish, busy = table.price(now_s, free, view, self._load)
         accurate = table.accuracy >= floor
         feasible = accurate & (finish <= deadline_s)
         n_acc, n_feas = int(accurate.sum()), int(feasible.sum())

@@ -197,7 +197,7 @@ class Deployment:
         rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
                      on_unservable=self.config.on_unservable,
                      correction=LatencyCorrector(enabled=enabled, decay=self.config.correction.decay),
-                     on_record=on_record)
+                     on_record=on_record, memory_budget_mb=self.config.memory_budget_mb)
         if policy.adaptive:
             # every adaptive policy is steered by the same joint assignment over its own
             # candidates, so that a comparison isolates what each may choose
