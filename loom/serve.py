@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from loom.arrivals import make_trace
+from loom.arrivals import make_trace, mean_rate_rps
 from loom.config import POLICIES, SloConfig, load_slo_config
 from loom.correction import LatencyCorrector
 from loom.device import DeviceProfile, load_device_profile
 from loom.errors import ConfigError
 from loom.estimate import Estimates, dataset_digest, fit_estimates, partition_features
-from loom.family import Family
+from loom.family import Family, load_family
 from loom.metrics import MetricsCollector, RequestRecord, RssSampler, summarize
 from loom.partition import Partition
 from loom.paths import REPO_ROOT
@@ -118,8 +118,6 @@ class Deployment:
     def from_config(cls, cfg: SloConfig | str | Path, *, refit: bool = False) -> Deployment:
         cfg = cfg if isinstance(cfg, SloConfig) else load_slo_config(cfg)
         device = load_device_profile(cfg.device)
-        from loom.family import load_family
-
         families = {t.name: load_family(t.family) for t in cfg.tasks}
         for name, fam in families.items():
             if fam.task != name:
@@ -132,8 +130,6 @@ class Deployment:
 
     # -- plans -------------------------------------------------------------------------------
     def rates(self) -> dict[str, float]:
-        from loom.arrivals import mean_rate_rps
-
         return {t.name: mean_rate_rps(t.arrival, self.config.run.duration_s) for t in self.config.tasks}
 
     def candidates(self, policy_name: str, *, t_s: float = 0.0) -> dict[str, list[Plan]]:
