@@ -66,6 +66,7 @@ from loom.errors import BackendError, ConfigError, LoomError, RuntimeClosedError
 from loom.metrics import RequestRecord, slo_status
 from loom.preload import Key, Preloader, plan_keys
 from loom.scheduler import Decision, Reservation, Scheduler
+from loom.workers import start_pinned_thread
 from placement.plan import Plan
 
 if TYPE_CHECKING:
@@ -310,24 +311,10 @@ class _EdfWorker:
         self._heap: list[tuple[JobKey, Callable[[], None]]] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
-        self.pinned = False
-        self._thread = threading.Thread(target=self._loop, name=f"loom-runtime-{name}", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._start_error is not None:
-            self._thread.join()
-            raise BackendError(f"worker {name!r}: {self._start_error}") from self._start_error
+        self._thread, self.pinned, _ = start_pinned_thread(name, backend, self._loop,
+                                                          thread_name=f"loom-runtime-{name}")
 
     def _loop(self) -> None:
-        try:
-            self.pinned = self.backend.pin_current_thread()
-        except BaseException as exc:  # reported by the constructor, in the caller's thread
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
         while True:
             with self._cond:
                 while not self._heap and not self._closed:

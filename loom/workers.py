@@ -38,6 +38,39 @@ T = TypeVar("T")
 Feeds = Mapping[str, np.ndarray]
 
 
+def start_pinned_thread(
+    name: str, backend: Backend, serve: Callable[[], None], *, thread_name: str
+) -> tuple[threading.Thread, bool, set[int] | None]:
+    """Start a daemon thread that pins itself with ``backend`` and then runs ``serve``.
+
+    Returns the thread, whether it was pinned and the CPU ids it may run on. A pin that
+    fails is raised here, in the caller's thread, as ``BackendError`` naming the worker:
+    a processor that cannot start must stop its pool's construction, not die silently.
+    """
+    started = threading.Event()
+    state: dict[str, Any] = {"pinned": False, "affinity": None}
+
+    def main() -> None:
+        try:
+            state["pinned"] = backend.pin_current_thread()
+            if hasattr(os, "sched_getaffinity"):
+                state["affinity"] = set(os.sched_getaffinity(0))
+        except BaseException as exc:  # reported below, in the caller's thread
+            state["error"] = exc
+            started.set()
+            return
+        started.set()
+        serve()
+
+    thread = threading.Thread(target=main, name=thread_name, daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in state:
+        thread.join()
+        raise BackendError(f"worker {name!r}: {state['error']}") from state["error"]
+    return thread, state["pinned"], state["affinity"]
+
+
 @dataclass
 class _Job:
     fn: Callable[..., Any]
@@ -60,29 +93,12 @@ class Worker:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
         #: whether the thread was pinned, and the CPU ids it may run on (read in the thread)
-        self.pinned = False
-        self.affinity: set[int] | None = None
-        self._thread = threading.Thread(target=self._loop, name=f"loom-worker-{name}", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._start_error is not None:
-            self._thread.join()
-            raise BackendError(f"worker {name!r}: {self._start_error}") from self._start_error
+        self._thread, self.pinned, self.affinity = start_pinned_thread(
+            name, backend, self._loop, thread_name=f"loom-worker-{name}")
 
     # -- the thread -----------------------------------------------------------------------
     def _loop(self) -> None:
-        try:
-            self.pinned = self.backend.pin_current_thread()
-            if hasattr(os, "sched_getaffinity"):
-                self.affinity = set(os.sched_getaffinity(0))
-        except BaseException as exc:  # reported by the constructor, in the caller's thread
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
         while True:
             job = self._queue.get()
             if job is None:
