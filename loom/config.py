@@ -46,7 +46,7 @@ from pydantic import (
 
 from loom.device import NAME_PATTERN  # task names follow the processor names' rule
 from loom.errors import ConfigError
-from loom.schema import Strict, field_path, read_yaml
+from loom.schema import Strict, describe_errors, read_yaml
 
 #: The policies a run may use: sparseloom itself and the six baselines of the SparseLoom
 #: paper (single variant accuracy-/latency-optimal, any variant; NP = whole model on one
@@ -368,37 +368,6 @@ class SloConfig(Strict):
 
 
 # -- validation --------------------------------------------------------------------------------
-def _describe(exc: ValidationError) -> list[str]:
-    """Like ``loom.schema.describe_errors``, with the arrival union's tag left out of paths.
-
-    Pydantic puts the discriminator's value in the location (``arrival.poisson.rate_rps``);
-    the user wrote ``arrival: {process: poisson, rate_rps: ...}``, so the path names
-    ``arrival.rate_rps``.
-    """
-    lines = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        for i in range(len(loc) - 1, 0, -1):
-            if loc[i - 1] == "arrival" and loc[i] in ARRIVAL_PROCESSES:
-                del loc[i]
-        msg = err["msg"].removeprefix("Value error, ")
-        kind = err["type"]
-        ctx = err.get("ctx", {})
-        allowed = ", ".join(repr(p) for p in ARRIVAL_PROCESSES)
-        if kind == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
-        elif kind in ("literal_error", "enum") and "expected" in ctx:
-            msg = f"must be one of {ctx['expected']}"
-        elif kind == "union_tag_invalid":
-            loc.append("process")
-            msg = f"unknown process {ctx.get('tag')!r}; must be one of {allowed}"
-        elif kind == "union_tag_not_found":
-            loc.append("process")
-            msg = f"missing; must be one of {allowed}"
-        lines.append(f"{field_path(tuple(loc))}: {msg}")
-    return lines
-
-
 def _cross_problems(data: dict[str, Any]) -> list[str]:
     """Problems no single field shows, found on the raw mapping so that they are reported
     with the schema's even when the schema check failed elsewhere."""
@@ -429,7 +398,7 @@ def parse_slo_config(
     try:
         config = SloConfig.model_validate(data, context={_BASE_DIR: base_dir})
     except ValidationError as exc:
-        problems += _describe(exc)
+        problems += describe_errors(exc, union_tags=ARRIVAL_PROCESSES)
     problems += _cross_problems(data)
     if problems or config is None:
         raise ConfigError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))

@@ -6,6 +6,7 @@ whole, and all of its problems are reported at once, each as ``path.to[3].field:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,15 +35,31 @@ def field_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def describe_errors(exc: ValidationError) -> list[str]:
+def describe_errors(exc: ValidationError, *, union_tags: Collection[str] = ()) -> list[str]:
+    """One ``path: why`` line per problem.
+
+    ``union_tags``: the tags of the schema's discriminated unions (an SLO config's arrival
+    processes). Pydantic puts the tag in the location (``arrival.poisson.rate_rps``); the
+    user wrote ``arrival: {process: poisson, rate_rps: ...}``, so the path leaves it out,
+    and a missing or unknown tag is reported on the discriminator field with the choices.
+    """
+    allowed = ", ".join(repr(t) for t in union_tags)
     lines = []
     for err in exc.errors():
+        raw = err["loc"]
+        loc = [p for i, p in enumerate(raw) if not (i and p in union_tags and isinstance(raw[i - 1], str))]
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        kind, ctx = err["type"], err.get("ctx", {})
+        if kind == "extra_forbidden":
             msg = "unknown field (check the spelling)"
-        elif err["type"] in ("literal_error", "enum") and "expected" in err.get("ctx", {}):
-            msg = f"must be one of {err['ctx']['expected']}"
-        lines.append(f"{field_path(tuple(err['loc']))}: {msg}")
+        elif kind in ("literal_error", "enum") and "expected" in ctx:
+            msg = f"must be one of {ctx['expected']}"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(ctx.get("discriminator", "")).strip("'"))
+            choices = ctx.get("expected_tags") or allowed
+            msg = (f"unknown {loc[-1]} {ctx.get('tag')!r}; must be one of {choices}" if kind == "union_tag_invalid"
+                   else f"missing; must be one of {choices}")
+        lines.append(f"{field_path(tuple(loc))}: {msg}")
     return lines
 
 
