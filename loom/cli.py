@@ -244,7 +244,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from loom.config import POLICIES
     from loom.serve import bench, format_rows
 
-    report = bench(a.config, out_dir=a.out, policies=a.policy or list(POLICIES), duration_s=a.duration)
+    report = bench(a.config, out_dir=a.out, policies=a.policy or list(POLICIES), duration_s=a.duration,
+                   simulate=a.simulate, device=a.device, load=a.load)
+    if report["simulated"]:
+        print(f"SIMULATED, not measured: {report['source']}")
     print(format_rows(report["runs"]))
     print(f"wrote {a.out}/report.json and plots (violations.png, latency_cdf.png, timeline-*.png)")
     return 0
@@ -369,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", help="only these policies (repeatable)")
     p.add_argument("--duration", type=float, help="seconds per policy (default: the config's run.duration_s)")
     p.add_argument("--out", default="out/bench")
+    p.add_argument("--simulate", action="store_true",
+                   help="run the discrete-event simulator (same scheduler and optimizer) instead of real inference")
+    p.add_argument("--device", help="simulate on this device profile (a name under profiles/ or a YAML path); "
+                                    "implies --simulate")
+    p.add_argument("--load", type=float,
+                   help="scale the config's rates to this multiple of the best static plan's capacity on the device")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the embedded zoo")

@@ -20,13 +20,15 @@ The wiring of the parts, top down:
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,7 +46,7 @@ from loom.profile import ensure_partitions, load_profile_dataset
 from loom.progress import say
 from loom.runtime import Runtime, TaskBinding
 from loom.scheduler import Scheduler
-from placement.optimizer import assign
+from placement.optimizer import assign, fluid_goodput_bound
 from placement.plan import Plan, TaskSpace
 from placement.policies import get_policy
 from placement.queueing import latency_aware_mix
@@ -175,36 +177,113 @@ class Deployment:
         return replace(plan, block_ms=block_ms,
                        latency_ms=plan.latency_ms - sum(plan.block_ms) + sum(block_ms) + extra)
 
+    def dataset_dir(self) -> Path:
+        """The profile dataset the estimators were fitted on (else the device's default one)."""
+        given = self.estimates.notes.get("latency", {}).get("dataset")
+        if given and Path(given).is_dir():
+            return Path(given)
+        return REPO_ROOT / "profiles" / "data" / self.device.name
+
     def block_paths(self, task: str) -> dict[str, Path]:
         part = self.partitions[task]
         return {b: part.block_path(b) for b in part.blocks}
 
+    def bindings(self, policy_name: str) -> list[TaskBinding]:
+        """Each task as a runtime (real or simulated) serves it under ``policy_name`` at time 0."""
+        plans = self.candidates(policy_name)
+        out = []
+        for t in self.config.tasks:
+            lat, floor = self.config.slo_at(t.name, 0.0)
+            out.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
+                                   latency_ms=lat, accuracy_floor=floor, priority=t.priority,
+                                   output_name=self.families[t.name].manifest.output.name))
+        return out
+
+    def corrector(self, correction: bool | None = None) -> LatencyCorrector:
+        enabled = self.config.correction.enabled if correction is None else correction
+        return LatencyCorrector(enabled=enabled, decay=self.config.correction.decay)
+
+    def steer(self, scheduler: Scheduler, policy_name: str, bindings: Sequence[TaskBinding]) -> None:
+        """Every adaptive policy is steered by the same joint assignment over its own candidates,
+        so that a comparison isolates what each may choose."""
+        if get_policy(policy_name).adaptive:
+            for task, shares in self.mixes({b.task: b.candidates for b in bindings}).items():
+                scheduler.set_mix(task, shares)
+
     def runtime(self, policy_name: str, *, correction: bool | None = None,
                 on_record: Callable[[RequestRecord], None] | None = None) -> Runtime:
         policy = get_policy(policy_name)
-        plans = self.candidates(policy_name)
-        enabled = self.config.correction.enabled if correction is None else correction
-        bindings = []
-        for t in self.config.tasks:
-            lat, floor = self.config.slo_at(t.name, 0.0)
-            bindings.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
-                                        latency_ms=lat, accuracy_floor=floor, priority=t.priority,
-                                        output_name=self.families[t.name].manifest.output.name))
+        bindings = self.bindings(policy_name)
         rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
-                     on_unservable=self.config.on_unservable,
-                     correction=LatencyCorrector(enabled=enabled, decay=self.config.correction.decay),
+                     on_unservable=self.config.on_unservable, correction=self.corrector(correction),
                      on_record=on_record, memory_budget_mb=self.config.memory_budget_mb)
-        if policy.adaptive:
-            # every adaptive policy is steered by the same joint assignment over its own
-            # candidates, so that a comparison isolates what each may choose
-            for task, shares in self.mixes(plans).items():
-                rt.scheduler.set_mix(task, shares)
+        self.steer(rt.scheduler, policy.name, bindings)
         return rt
 
     def inputs(self, task: str) -> np.ndarray:
         if task not in self._inputs:
             self._inputs[task] = self.families[task].eval_data()[0]
         return self._inputs[task]
+
+
+class ControlledRuntime(Protocol):
+    """What ``control_events`` drives: the real ``Runtime`` and the simulator's both have it."""
+
+    scheduler: Scheduler
+    corrector: LatencyCorrector
+
+    @property
+    def tasks(self) -> dict[str, TaskBinding]: ...
+
+    def now(self) -> float: ...
+
+    def set_slo(self, task: str, *, latency_ms: float | None = None, accuracy_floor: float | None = None) -> None: ...
+
+    def set_candidates(self, task: str, plans: Sequence[Plan]) -> None: ...
+
+
+def control_events(
+    dep: Deployment, policy_name: str, rt: ControlledRuntime, *, duration_s: float, correction: bool | None,
+    replan_s: float, clock: Callable[[], float],
+) -> list[tuple[float, Callable[[], None]]]:
+    """The actions a run takes at given trace seconds: SLO changes, and re-planning the mix.
+
+    Shared by ``run_trace`` and the simulator (``loom.simulate``), so that both run the
+    same control code; ``clock`` gives the trace's time when an action runs.
+    """
+    cfg = dep.config
+    policy = get_policy(policy_name)
+    # SLO changes fall due during the run: the runtime's bound and floor change, and the
+    # candidates are recomputed for the new SLO (the policy's choice depends on it).
+    changes: list[tuple[float, Callable[[], None]]] = []
+    for t in cfg.tasks:
+        for ch in t.slo_changes:
+            def apply(task: str = t.name, at: float = ch.at_s) -> None:
+                lat, floor = cfg.slo_at(task, at)
+                rt.set_slo(task, latency_ms=lat, accuracy_floor=floor)
+                plans = dep.candidates(policy.name, t_s=at)
+                rt.set_candidates(task, plans[task])
+                if policy.adaptive:
+                    rt.scheduler.set_mix(task, dep.mixes(plans, t_s=at)[task])
+            changes.append((ch.at_s, apply))
+    if policy.adaptive and (correction if correction is not None else cfg.correction.enabled):
+        # re-solve the joint assignment with the corrected latencies every replan_s, so
+        # that load moves off a processor that slows down (and back when it recovers)
+        current: dict[str, dict] = dep.mixes({t: rt.tasks[t].candidates for t in cfg.task_names})
+
+        def replan() -> None:
+            plans = {t: rt.tasks[t].candidates for t in cfg.task_names}
+            fresh = dep.mixes(plans, t_s=clock(), corrector=rt.corrector, now_s=rt.now(), scheduler=rt.scheduler)
+            for task, shares in fresh.items():
+                # move half way each time: the measurements that drive a re-plan change
+                # with the plan itself, and a full jump makes the load swing back and forth
+                old = current.get(task, {})
+                keys = set(old) | set(shares)
+                blended = {k: 0.5 * old.get(k, 0.0) + 0.5 * shares.get(k, 0.0) for k in keys}
+                current[task] = {k: v for k, v in blended.items() if v > 0.01}
+                rt.scheduler.set_mix(task, current[task])
+        changes += [(float(t), replan) for t in np.arange(replan_s, duration_s, replan_s)]
+    return changes
 
 
 # -- running a trace ------------------------------------------------------------------------------
@@ -245,37 +324,8 @@ def run_trace(
     collector = MetricsCollector()
     policy = get_policy(policy_name)
     rt = dep.runtime(policy_name, correction=correction, on_record=collector.record)
-    # SLO changes fall due during the run: the runtime's bound and floor change, and the
-    # candidates are recomputed for the new SLO (the policy's choice depends on it).
-    changes: list[tuple[float, Callable[[], None]]] = []
-    for t in cfg.tasks:
-        for ch in t.slo_changes:
-            def apply(task: str = t.name, at: float = ch.at_s) -> None:
-                lat, floor = cfg.slo_at(task, at)
-                rt.set_slo(task, latency_ms=lat, accuracy_floor=floor)
-                plans = dep.candidates(policy.name, t_s=at)
-                rt.set_candidates(task, plans[task])
-                if policy.adaptive:
-                    rt.scheduler.set_mix(task, dep.mixes(plans, t_s=at)[task])
-            changes.append((ch.at_s, apply))
-    if policy.adaptive and (correction if correction is not None else cfg.correction.enabled):
-        # re-solve the joint assignment with the corrected latencies every replan_s, so
-        # that load moves off a processor that slows down (and back when it recovers)
-        current: dict[str, dict] = dep.mixes({t: rt.tasks[t].candidates for t in cfg.task_names})
-
-        def replan() -> None:
-            plans = {t: rt.tasks[t].candidates for t in cfg.task_names}
-            fresh = dep.mixes(plans, t_s=time.perf_counter() - start, corrector=rt.corrector, now_s=rt.now(),
-                              scheduler=rt.scheduler)
-            for task, shares in fresh.items():
-                # move half way each time: the measurements that drive a re-plan change
-                # with the plan itself, and a full jump makes the load swing back and forth
-                old = current.get(task, {})
-                keys = set(old) | set(shares)
-                blended = {k: 0.5 * old.get(k, 0.0) + 0.5 * shares.get(k, 0.0) for k in keys}
-                current[task] = {k: v for k, v in blended.items() if v > 0.01}
-                rt.scheduler.set_mix(task, current[task])
-        changes += [(t, replan) for t in np.arange(replan_s, duration, replan_s)]
+    changes = control_events(dep, policy.name, rt, duration_s=duration, correction=correction, replan_s=replan_s,
+                             clock=lambda: time.perf_counter() - start)
     timeline = sorted([*changes, *events], key=lambda e: e[0])
     futures: list[Future] = []
     errors: dict[str, int] = {}
@@ -362,22 +412,98 @@ def serve(config: str | Path, *, out_dir: str | Path = "out/serve", policy: str 
 
 
 def bench(config: str | Path, *, out_dir: str | Path = "out/bench", policies: Sequence[str] = POLICIES,
-          duration_s: float | None = None) -> dict[str, Any]:
-    """Every policy on the same seeded trace, one after another in this process."""
+          duration_s: float | None = None, simulate: bool = False, device: str | None = None,
+          load: float | None = None) -> dict[str, Any]:
+    """Every policy on the same seeded trace, one after another in this process.
+
+    ``simulate``: run ``loom.simulate`` instead of the real runtime, on this device
+    (latencies from its profile dataset) or on ``device``, a profile that need not be
+    here (latencies from its datasheet figures). ``load``: scale the config's rates to
+    this multiple of the best static plan's capacity (its fluid bound) on that device.
+    """
     from loom.metrics import plot_latency_cdf, plot_violations_by_policy
 
     dep = Deployment.from_config(config)
     out = Path(out_dir)
     rows, by_policy = [], {}
+    source = "real runtime"
+    if simulate or device is not None:
+        from loom import simulate as sim_mod
+
+        target = load_device_profile(device) if device is not None else dep.device
+        if target.name != dep.device.name:
+            dep, latency = sim_mod.on_device(dep, target)
+        else:
+            latency = sim_mod.LatencyModel.from_dataset(load_profile_dataset(dep.dataset_dir()))
+        source = f"SIMULATED on {dep.device.name}: {latency.source}; nothing ran on its processors"
+        say(source)
+    if load is not None:
+        mix = dep.rates()
+        capacity, who = static_capacity(dep, mix)
+        if not math.isfinite(capacity) or capacity <= 0:
+            raise ConfigError(f"{dep.config.source}: no static plan meets the SLOs on {dep.device.name}: "
+                              "no capacity to scale the load to")
+        dep.config = scenario(dep.config, total_rps=load * capacity, mix=mix, bound_scale=1.0,
+                              duration_s=dep.config.run.duration_s if duration_s is None else duration_s,
+                              seed=dep.config.run.seed, keep_slo_changes=True)
+        say(f"load {load}x the capacity of the best static plan ({who}, {capacity:.0f} requests/s by the fluid bound)")
     for name in policies:
-        run = run_trace(dep, name, duration_s=duration_s)
-        rows.append(write_run(run, out))
-        by_policy[run.policy] = run.records
+        if source == "real runtime":
+            run = run_trace(dep, name, duration_s=duration_s)
+            rows.append(write_run(run, out))
+            by_policy[run.policy] = run.records
+        else:
+            res = sim_mod.simulate(dep, name, latency, duration_s=duration_s)
+            o = res.summary["overall"]
+            rows.append({"policy": res.policy, "slo_violation_rate": o["slo_violation_rate"],
+                         "goodput_rps": o["goodput_rps"], "throughput_rps": o["throughput_rps"],
+                         "p50_ms": o["p50_ms"], "p95_ms": o["p95_ms"], "p99_ms": o["p99_ms"],
+                         "peak_rss_mb": None, "n": o["n"], "utilization": res.summary["utilization"],
+                         "simulated": True})
+            by_policy[res.policy] = res.records
     plot_violations_by_policy(rows, out / "violations.png")
     plot_latency_cdf(by_policy, out / "latency_cdf.png")
-    report = {"config": str(dep.config.source), "device": dep.device.name, "runs": rows, "simulated": False}
+    report = {"config": str(dep.config.source), "device": dep.device.name, "runs": rows,
+              "simulated": source != "real runtime", "source": source}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+# -- capacities and scenarios (the benchmarks' knobs) -----------------------------------------------
+STATIC_POLICIES = ("sv-ao-np", "sv-ao-p", "sv-lo-np", "sv-lo-p")
+
+
+def slos_of(cfg: SloConfig) -> dict[str, tuple[float, float]]:
+    return {t.name: (t.latency_ms, t.accuracy_floor) for t in cfg.tasks}
+
+
+def static_capacity(dep: Deployment, mix: Mapping[str, float]) -> tuple[float, str]:
+    """Largest sustainable total rate of the best single-variant policy (fluid bound of its one plan per task)."""
+    best, who = 0.0, ""
+    for name in STATIC_POLICIES:
+        cands = dep.candidates(name)
+        bound = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=dict(mix),
+                                    candidates={t: c[:1] if get_policy(name).partitioned else c for t, c in cands.items()})
+        if math.isfinite(bound) and bound > best:
+            best, who = bound, name
+    return best, who
+
+
+def scenario(base: SloConfig, *, total_rps: float, mix: Mapping[str, float], bound_scale: float,
+             duration_s: float, seed: int, keep_slo_changes: bool = False) -> SloConfig:
+    """``base`` at a total Poisson rate split as ``mix``, bounds scaled, for ``duration_s`` seconds."""
+    cfg = copy.deepcopy(base)
+    total_mix = sum(mix.values())
+    for t in cfg.tasks:
+        t.latency_ms = t.latency_ms * bound_scale
+        if not keep_slo_changes:
+            t.slo_changes = []
+        if t.arrival.process == "poisson":
+            t.arrival = type(t.arrival).model_validate({"process": "poisson", "rate_rps": total_rps * mix[t.name] / total_mix})
+    cfg.run.warmup_s = min(cfg.run.warmup_s, duration_s / 4)  # first: validated against the duration
+    cfg.run.duration_s = duration_s
+    cfg.run.seed = seed
+    return cfg
 
 
 def describe_plans(config: str | Path, *, policy: str | None = None, limit: int = 8) -> dict[str, Any]:

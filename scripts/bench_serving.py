@@ -27,9 +27,7 @@ tight cell, the drift run's timeline).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,42 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loom.config import POLICIES, SloConfig  # noqa: E402
 from loom.metrics import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
 from loom.progress import say  # noqa: E402
-from loom.serve import Deployment, RunResult, run_trace  # noqa: E402
+from loom.serve import Deployment, RunResult, run_trace, scenario, slos_of, static_capacity  # noqa: E402
 from placement.optimizer import fluid_goodput_bound  # noqa: E402
-from placement.policies import get_policy  # noqa: E402
-
-STATIC = ("sv-ao-np", "sv-ao-p", "sv-lo-np", "sv-lo-p")
-
-
-def scenario(base: SloConfig, *, total_rps: float, mix: dict[str, float], bound_scale: float,
-             duration_s: float, seed: int) -> SloConfig:
-    cfg = copy.deepcopy(base)
-    total_mix = sum(mix.values())
-    for t in cfg.tasks:
-        t.latency_ms = t.latency_ms * bound_scale
-        t.slo_changes = []
-        t.arrival = type(t.arrival).model_validate({"process": "poisson", "rate_rps": total_rps * mix[t.name] / total_mix}) \
-            if t.arrival.process == "poisson" else t.arrival
-    cfg.run.duration_s = duration_s
-    cfg.run.seed = seed
-    cfg.run.warmup_s = min(cfg.run.warmup_s, duration_s / 4)
-    return cfg
-
-
-def slos_of(cfg: SloConfig) -> dict[str, tuple[float, float]]:
-    return {t.name: (t.latency_ms, t.accuracy_floor) for t in cfg.tasks}
-
-
-def static_capacity(dep: Deployment, mix: dict[str, float]) -> tuple[float, str]:
-    """Largest sustainable total rate of the best single-variant policy (fluid bound of its one plan per task)."""
-    best, who = 0.0, ""
-    for name in STATIC:
-        cands = dep.candidates(name)
-        bound = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix,
-                                    candidates={t: c[:1] if get_policy(name).partitioned else c for t, c in cands.items()})
-        if math.isfinite(bound) and bound > best:
-            best, who = bound, name
-    return best, who
 
 
 def measured_capacity(dep: Deployment, base: SloConfig, policy: str, *, start_rps: float, mix: dict[str, float],
