@@ -468,13 +468,12 @@ class Scheduler:
         if best is None:
             return None
         c = best[3]
-        if best[0] and self.on_unservable == "reject":
-            return Decision(None, math.inf, False, "no plan of the mix predicted on time: rejected")
+        if best[0]:
+            # no plan of the mix is on time: the whole candidate set may still have one
+            return None
         k = (c.plan.config, c.plan.placement)
         chosen[k] = chosen.get(k, 0) + 1
-        on_time = best[0] == 0.0
-        why = "the planned mix: furthest behind its share" + ("" if on_time else " (none predicted on time)")
-        return Decision(c.plan, c.finish_s, on_time, why, c.segment_ms)
+        return Decision(c.plan, c.finish_s, True, "the planned mix: furthest behind its share", c.segment_ms)
 
     def _best(
         self,

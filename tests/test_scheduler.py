@@ -247,7 +247,7 @@ def test_a_planned_mix_is_followed_by_its_shares() -> None:
     assert all(choose(s, [fast, slow], now=100.0 + i).plan is fast for i in range(5))
 
 
-def test_a_mix_prefers_on_time_plans_and_rejects_when_told() -> None:
+def test_a_mix_falls_back_to_any_on_time_plan_and_rejects_when_none_is() -> None:
     s = Scheduler(["a", "b"])
     quick = plan(("a",), (1.0,), config=("q",))
     late = plan(("b",), (50.0,), config=("l",))
@@ -256,5 +256,9 @@ def test_a_mix_prefers_on_time_plans_and_rejects_when_told() -> None:
     assert d.plan is quick and d.feasible  # the share says `late`, the deadline says no
     s2 = Scheduler(["a", "b"], on_unservable="reject")
     s2.set_mix("t", {(late.config, late.placement): 1.0})
+    # no plan of the mix is on time: a candidate outside it that is serves the request
     d = choose(s2, [quick, late], deadline_ms=10.0)
+    assert d.plan is quick and d.feasible
+    # and when no candidate at all is on time, the request is rejected
+    d = choose(s2, [late], deadline_ms=10.0)
     assert d.plan is None and not d.feasible
