@@ -275,7 +275,7 @@ class Preloader:
     def prefetch_hint(self, plans: Iterable[Plan], resident: Iterable[Key] = (), now_s: float = 0.0) -> list[Key]:
         """Pairs of ``plans`` not resident, hottest first: what to load when a worker idles.
 
-        Only a ranking: the runtime does not act on it yet.
+        The runtime loads from it when a worker idles (``Runtime._maybe_prefetch``).
         """
         have = set(resident)
         want = list(dict.fromkeys(k for p in plans for k in plan_keys(p) if k not in have))

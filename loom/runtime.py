@@ -388,6 +388,7 @@ class Runtime:
         preload: bool = True,
         memory_budget_mb: float | None = None,
         preloader: Preloader | None = None,
+        prefetch_max_load_ms: float = 5.0,
     ) -> None:
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
@@ -412,6 +413,11 @@ class Runtime:
                 preloader.budget_bytes = budget_bytes
         #: None: no budget, every block may stay resident (the behaviour before the preloader)
         self.preloader = preloader
+        #: idle-time prefetch loads only blocks whose (predicted) load is this quick: a
+        #: load cannot be interrupted, and a request arriving meanwhile waits for it
+        self.prefetch_max_load_ms = float(prefetch_max_load_ms)
+        self.prefetches = 0
+        self._prefetching: set[str] = set()
         self._budget = (
             _Budget(preloader, self._cache_map, self._estimate_bytes, self.now) if preloader is not None else None
         )
@@ -728,6 +734,7 @@ class Runtime:
             "resident_bytes": {p: sum(c.resident_bytes().values()) for p, c in caches.items()},
             "loads": {p: c.loads for p, c in caches.items()},
             "evictions": {p: c.evictions for p, c in caches.items()},
+            "prefetches": self.prefetches,
             "load_seconds": {p: c.load_seconds for p, c in caches.items()},
             "memory": self._memory_stats(caches),
             "preload_errors": preload_errors,
@@ -790,6 +797,7 @@ class Runtime:
         finally:
             cache.unhold()
         self.scheduler.finish(reservation)
+        self._maybe_prefetch(proc)
         if i + 1 < len(req.segments):
             if not req.ended:
                 self._enqueue(req, i + 1, env)
@@ -807,6 +815,52 @@ class Runtime:
             ))
             return
         self._end(req, result=result)
+
+    def _maybe_prefetch(self, proc: str) -> None:
+        """When ``proc``'s queue is empty, load its hottest missing block that fits the free budget.
+
+        Off the critical path: the load is queued behind every request (it runs only
+        when nothing waits), evicts nothing (only free budget is used, so a hot block is
+        never traded for a guess), and is skipped when its predicted load takes longer
+        than ``prefetch_max_load_ms`` (a request arriving meanwhile would wait for it).
+        The candidates are the blocks of the tasks' plans, hottest first
+        (``Preloader.prefetch_hint``): after evictions, what the mix will ask for next.
+        """
+        if self.preloader is None or self._budget is None or self._closed:
+            return
+        worker = self._workers.get(proc)
+        cache = self._caches.get(proc)
+        if worker is None or cache is None or len(worker) or proc in self._prefetching:
+            return
+        now = self.now()
+        plans = [p for b in self._tasks.values() for p in b.candidates]
+        caches = self._cache_map()
+        resident = [(b, p) for p, c in caches.items() for b in c.resident()]
+        used = sum(sum(c.resident_bytes().values()) for c in caches.values()) + self._budget.reserved
+        free = self.preloader.budget_bytes - used
+        for b, p in self.preloader.prefetch_hint(plans, resident, now):
+            if p != proc:
+                continue
+            if self._estimate_bytes(b, p) > free or self._load_estimate_ms(b, p) > self.prefetch_max_load_ms:
+                continue
+            self._prefetching.add(proc)
+
+            def load(block_id: str = b) -> None:
+                try:
+                    if not cache.is_resident(block_id) and not self._closed:
+                        cache.get(block_id)
+                        self.prefetches += 1
+                except Exception as exc:  # a prefetch failing costs nothing but the attempt
+                    log.warning("prefetch of %s on %s failed: %s", block_id, proc, exc)
+                finally:
+                    self._prefetching.discard(proc)
+
+            try:
+                # after every request's job (their keys are finite deadlines)
+                worker.put((math.inf, 0.0, next(self._seq)), load)
+            except RuntimeClosedError:
+                self._prefetching.discard(proc)
+            return
 
     def _end(self, req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
         """Finish a request exactly once: release its reservations, record it, resolve its future."""

@@ -208,3 +208,31 @@ def test_runtime_prefers_the_resident_plan_under_a_tight_deadline(tmp_path: Path
     # loading the fast block (60 ms) would break the 30 ms bound: the resident plan runs
     assert st["resident"]["a"] == ["t.slow.s0"] and st["counts"]["ok"] == 5
     assert st["loads"]["a"] == 1
+
+
+def test_idle_workers_prefetch_into_free_budget_only(tmp_path: Path) -> None:
+    tasks, paths = three_tasks(tmp_path)
+    # the size guess (2 blocks' worth) lets the initial set take 2 pairs; loaded, each
+    # measures 1 block, which leaves room that idle workers fill, hottest first
+    sizes = {(b, p): 2 * BLOCK for b in paths for p in "ab"}
+    budget = 4 * BLOCK
+    with Runtime(backends=backends(), tasks=tasks, adaptive=False, preloader=Preloader(budget, sizes=sizes)) as rt:
+        assert sum(len(v) for v in rt.stats()["resident"].values()) == 2
+        for i in range(30):
+            rt.submit(("t1", "t2", "t3")[i % 3], x()).result(timeout=10)
+            assert rt.stats()["memory"]["resident_bytes"] <= budget
+        st = rt.stats()
+    assert st["prefetches"] > 0
+    assert st["memory"]["peak_bytes"] <= budget and st["memory"]["over_budget"] == 0
+
+
+def test_slow_loads_are_not_prefetched(tmp_path: Path) -> None:
+    tasks, paths = three_tasks(tmp_path)
+    sizes = {(b, p): 2 * BLOCK for b in paths for p in "ab"}
+    be = {p: NullBackend(latency_ms=0.2, memory_bytes=BLOCK, load_ms=30.0) for p in ("a", "b")}
+    with Runtime(backends=be, tasks=tasks, adaptive=False, preloader=Preloader(4 * BLOCK, sizes=sizes),
+                 prefetch_max_load_ms=5.0) as rt:
+        for i in range(12):
+            rt.submit(("t1", "t2", "t3")[i % 3], x()).result(timeout=10)
+        st = rt.stats()
+    assert st["prefetches"] == 0
