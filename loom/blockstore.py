@@ -272,6 +272,10 @@ class BlockStore:
             raise ManifestError(f"{self.index_path}: no block {block_id!r} in the store")
         return bid
 
+    def has(self, block_id: str) -> bool:
+        """Whether the store holds ``block_id`` (under its own id or as an alias)."""
+        return self.aliases.get(block_id, block_id) in self.blocks
+
     def block(self, block_id: str) -> StoredBlock:
         return self.blocks[self.resolve(block_id)]
 

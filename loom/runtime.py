@@ -71,6 +71,7 @@ from placement.plan import Plan
 
 if TYPE_CHECKING:
     from backends.base import Backend, LoadedBlock
+    from loom.blockstore import BlockStore
     from loom.device import DeviceProfile
 
 __all__ = ["BlockCache", "Runtime", "TaskBinding"]
@@ -389,6 +390,7 @@ class Runtime:
         memory_budget_mb: float | None = None,
         preloader: Preloader | None = None,
         prefetch_max_load_ms: float = 5.0,
+        block_store: BlockStore | None = None,
     ) -> None:
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
@@ -416,6 +418,9 @@ class Runtime:
         #: idle-time prefetch loads only blocks whose (predicted) load is this quick: a
         #: load cannot be interrupted, and a request arriving meanwhile waits for it
         self.prefetch_max_load_ms = float(prefetch_max_load_ms)
+        #: where blocks are read from when it holds them: each file's sha256 is checked
+        #: against the store's index on its first load, and a mismatch fails that load
+        self.block_store = block_store
         self.prefetches = 0
         self._prefetching: set[str] = set()
         self._budget = (
@@ -522,6 +527,9 @@ class Runtime:
             return worker
 
     def _resolve(self, block_id: str) -> Path:
+        store = self.block_store
+        if store is not None and store.has(block_id):
+            return store.path(block_id)  # BlockIntegrityError when the file is not what was stored
         path = self._paths.get(block_id)
         if path is None:
             raise ConfigError(f"runtime: no file for block {block_id}")

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from loom.arrivals import make_trace, mean_rate_rps
+from loom.blockstore import BlockStore
 from loom.config import POLICIES, SloConfig, load_slo_config
 from loom.correction import LatencyCorrector
 from loom.device import DeviceProfile, load_device_profile
@@ -114,6 +115,8 @@ class Deployment:
     partitions: dict[str, Partition]
     families: dict[str, Family]
     spaces: dict[str, TaskSpace]
+    #: every task's blocks, once each, checked against their sha256 on first load
+    store: BlockStore | None = None
     _inputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -128,7 +131,12 @@ class Deployment:
         parts = ensure_partitions(list(families.values()), cfg.partitions, k=cfg.k)
         est = load_or_fit_estimates(cfg, device, parts, refit=refit)
         spaces = {p.task: task_space(est, p.task) for p in parts}
-        return cls(cfg, device, est, {p.task: p for p in parts}, families, spaces)
+        # beside the partitions; copies, not links: a store file edited or corrupted is
+        # then caught on load without the partition's own file being touched
+        store = BlockStore(Path(cfg.partitions).parent / "blockstore")
+        for part in parts:
+            store.add_partition(part, link=False)
+        return cls(cfg, device, est, {p.task: p for p in parts}, families, spaces, store)
 
     # -- plans -------------------------------------------------------------------------------
     def rates(self) -> dict[str, float]:
@@ -216,7 +224,8 @@ class Deployment:
         bindings = self.bindings(policy_name)
         rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
                      on_unservable=self.config.on_unservable, correction=self.corrector(correction),
-                     on_record=on_record, memory_budget_mb=self.config.memory_budget_mb)
+                     on_record=on_record, memory_budget_mb=self.config.memory_budget_mb,
+                     block_store=self.store)
         self.steer(rt.scheduler, policy.name, bindings)
         return rt
 

@@ -187,7 +187,7 @@ def on_device(dep: Any, device: DeviceProfile, *, sigma: float = 0.1) -> tuple[A
                               "to simulate from")
         med.update(table)
         spaces[task] = replace(space, processors=list(device.processor_names), block_ms=table, link_model=links)
-    moved = Deployment(dep.config, device, dep.estimates, dep.partitions, dep.families, spaces)
+    moved = Deployment(dep.config, device, dep.estimates, dep.partitions, dep.families, spaces, dep.store)
     model = LatencyModel(med, {k: sigma for k in med}, source=f"roofline over {device.name}'s datasheet figures")
     return moved, model
 

@@ -142,3 +142,28 @@ def load_slo_config_from(data, root):
     path = root / "renamed.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_slo_config(path)
+
+
+def test_blocks_are_served_from_the_store_and_a_tampered_one_is_refused(setup, synth_family, synth_partition,
+                                                                         tmp_path):
+    import shutil
+
+    from loom.errors import BlockIntegrityError
+
+    root, dev_path, _est = setup
+    parts = tmp_path / "partitions"
+    shutil.copytree(synth_partition.root, parts / "synthetic")
+    dep = Deployment.from_config(write_config(root, dev_path, synth_family, synth_partition,
+                                              partitions=str(parts)))
+    assert dep.store is not None and dep.store.root == tmp_path / "blockstore"
+    assert set(dep.store.blocks) >= set(synth_partition.blocks) - set(dep.store.aliases)
+    with dep.runtime("sv-lo-np") as rt:
+        assert rt.block_store is dep.store
+    # one stored file changes after the store recorded it: the next load refuses it by name
+    victim = dep.store.resolve(dep.candidates("av-np")["synthetic"][0].block_ids[0])
+    (dep.store.root / dep.store.blocks[victim].file).write_bytes(b"not the block")
+    dep.store._verified.clear()  # a new process would not have verified it yet
+    with pytest.raises(BlockIntegrityError, match=victim):
+        dep.runtime("av-np")
+    # the partition's own copy is untouched
+    assert (parts / "synthetic" / "blocks" / f"{victim}.onnx").read_bytes() != b"not the block"
