@@ -80,11 +80,13 @@ def latency_aware_mix(
         """The objective if one more chunk of ``t`` went to each of its plans."""
         r = rho[None, :] + lam[t] * S[t] / 1.0
         m = second[None, :] + lam[t] * S[t] ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            W = np.where(r < max_utilization, m / (2.0 * (1.0 - r)), np.inf)
-        obj = own + w[t] * L[t] + (W * (usage[None, :] + w[t] * U[t])).sum(axis=1)
-        # a processor no plan uses carries W = 0 * inf = nan when past the cap: count it as inf
-        return np.where(np.isnan(obj) | np.any(r >= max_utilization, axis=1), np.inf, obj)
+        # Past the cap the queue has no steady state; the wait there is priced as the
+        # wait at the cap times a steep factor of the excess, so that an overloaded mix
+        # still has a gradient (the passes below then spread the overload instead of
+        # leaving it where the greedy put it).
+        over = np.maximum(r - max_utilization, 0.0)
+        W = m / (2.0 * (1.0 - np.minimum(r, max_utilization))) * (1.0 + 1e3 * over)
+        return own + w[t] * L[t] + (W * (usage[None, :] + w[t] * U[t])).sum(axis=1)
 
     def move(t: str, i: int, sign: int) -> None:
         nonlocal own
@@ -99,7 +101,7 @@ def latency_aware_mix(
     for t in order:
         for _ in range(chunks):
             obj = candidate_objectives(t)
-            i = int(np.argmin(obj)) if np.isfinite(obj).any() else int(np.argmin(L[t]))
+            i = int(np.argmin(obj))
             move(t, i, +1)
     # improvement passes: take one chunk off a plan and put it where it helps most
     for _ in range(passes):
@@ -108,7 +110,7 @@ def latency_aware_mix(
             for i in [j for j in range(len(usable[t])) for _ in range(int(count[t][j]))]:
                 move(t, i, -1)
                 obj = candidate_objectives(t)
-                best = int(np.argmin(obj)) if np.isfinite(obj).any() else i
+                best = int(np.argmin(obj))
                 if obj[best] < obj[i] - 1e-12:
                     moved = True
                 else:

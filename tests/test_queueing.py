@@ -42,3 +42,16 @@ def test_plans_over_the_bound_are_used_only_when_nothing_else_exists() -> None:
     only_slow = {"t": [plan("t", "b", 30.0)]}
     assert set(latency_aware_mix(only_slow, {"t": 10.0}, {"t": 10.0})["t"]) == {(("v",), ("b",))}
     assert latency_aware_mix({}, {}, {}) == {}
+
+
+def test_an_overload_is_spread_not_piled_onto_the_fastest_plan() -> None:
+    # 2.4 processors of work on two: no mix is within the cap; the overload is shared
+    cands = {"t": [plan("t", "a", 1.0), plan("t", "b", 1.2)],
+             "u": [plan("u", "a", 1.0, "w"), plan("u", "b", 1.2, "w")]}
+    mix = latency_aware_mix(cands, {"t": 1200.0, "u": 1000.0}, {"t": 10.0, "u": 10.0})
+    load = {"a": 0.0, "b": 0.0}
+    for task, rate in (("t", 1200.0), ("u", 1000.0)):
+        for (_config, placement), share in mix[task].items():
+            load[placement[0]] += rate * share * (1.0 if placement == ("a",) else 1.2) / 1e3
+    assert max(load.values()) < 1.35  # the old fastest-plan fallback left 1.45 on a, 0.95 on b
+    assert min(load.values()) > 0.9
