@@ -33,6 +33,14 @@ they model a persistent bias of the prediction, not a drift.
 Measured ratios are clamped to ``[1/max_ratio, max_ratio]`` so that one outlier (a GC
 pause, a page fault) cannot swing a factor by more than that.
 
+Which mean (``mean``). ``"arithmetic"`` (the default) averages the ratios, ``"geometric"``
+their logs. They agree for a steady drift (DVFS: every block 1.5x slower). They do not
+for a competing process time-sliced with the worker on its core: most blocks run at
+full speed and some wait out the other process's slice, several times slower. The
+log mean stays near 1 while the processor delivers half its throughput; the
+arithmetic mean sees what the slowdown costs. (Session-2 benchmark: with the log mean
+the plans never left a core shared with a busy loop.)
+
 Thread-safe: workers observe while the scheduler reads. ``enabled=False`` makes it an
 identity (predictions unchanged, observations only counted), the baseline of an
 ablation.
@@ -55,6 +63,8 @@ __all__ = ["CorrectionView", "LatencyCorrector"]
 @dataclass
 class _ProcessorState:
     log_factor: float = 0.0
+    #: log of the mean ratio left after the (log) factor and offsets ("arithmetic" mean only)
+    log_tail: float = 0.0
     last_s: float | None = None
     observations: int = 0
 
@@ -100,9 +110,13 @@ class LatencyCorrector:
         processor_decay: float = 0.7,
         half_life_s: float = 5.0,
         max_ratio: float = 10.0,
+        mean: str = "arithmetic",
+        tail_decay: float = 0.95,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        for name, value in (("decay", decay), ("processor_decay", processor_decay)):
+        if mean not in ("arithmetic", "geometric"):
+            raise ConfigError(f"latency corrector: mean must be 'arithmetic' or 'geometric', got {mean!r}")
+        for name, value in (("decay", decay), ("processor_decay", processor_decay), ("tail_decay", tail_decay)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"latency corrector: {name} must be in [0, 1), got {value}")
         if not half_life_s > 0:
@@ -114,6 +128,8 @@ class LatencyCorrector:
         self.processor_decay = float(processor_decay)
         self.half_life_s = float(half_life_s)
         self.max_log_ratio = math.log(max_ratio)
+        self.mean = mean
+        self.tail_rate = 1.0 - float(tail_decay)
         #: the runtime passes ``now_s`` from the same clock (perf_counter by default)
         self.clock = clock
         self._lock = threading.Lock()
@@ -128,13 +144,23 @@ class LatencyCorrector:
         idle = max(0.0, now_s - state.last_s)
         return state.log_factor * 0.5 ** (idle / self.half_life_s)
 
+    def _relaxed_tail(self, state: _ProcessorState | None, now_s: float) -> float:
+        if state is None or state.last_s is None:
+            return 0.0
+        idle = max(0.0, now_s - state.last_s)
+        return state.log_tail * 0.5 ** (idle / self.half_life_s)
+
+    def _processor_log(self, state: _ProcessorState | None, now_s: float) -> float:
+        """The processor's whole log multiplier now: the factor plus (arithmetic mean) the tail."""
+        return self._relaxed(state, now_s) + self._relaxed_tail(state, now_s)
+
     def processor_factor(self, processor: str, *, now_s: float | None = None) -> float:
         """The multiplier a block never observed on ``processor`` gets now."""
         if not self.enabled:
             return 1.0
         now = self.clock() if now_s is None else now_s
         with self._lock:
-            return math.exp(self._relaxed(self._procs.get(processor), now))
+            return math.exp(self._processor_log(self._procs.get(processor), now))
 
     def multiplier(self, block_id: str, processor: str, *, now_s: float | None = None) -> float:
         if not self.enabled:
@@ -142,7 +168,7 @@ class LatencyCorrector:
         now = self.clock() if now_s is None else now_s
         with self._lock:
             pair = self._pairs.get((block_id, processor))
-            log = self._relaxed(self._procs.get(processor), now) + (pair.log_offset if pair else 0.0)
+            log = self._processor_log(self._procs.get(processor), now) + (pair.log_offset if pair else 0.0)
         return math.exp(log)
 
     def corrected_ms(self, block_id: str, processor: str, predicted_ms: float, *, now_s: float | None = None) -> float:
@@ -157,7 +183,7 @@ class LatencyCorrector:
             return CorrectionView(False)
         now = self.clock() if now_s is None else now_s
         with self._lock:
-            factors = {p: self._relaxed(s, now) for p, s in self._procs.items()}
+            factors = {p: self._processor_log(s, now) for p, s in self._procs.items()}
             offsets = {k: s.log_offset for k, s in self._pairs.items() if s.log_offset}
         return CorrectionView(True, factors, offsets)
 
@@ -184,11 +210,20 @@ class LatencyCorrector:
             # relax first: the factor learned before an idle gap is older evidence
             f = self._relaxed(proc, now)
             a = 1.0 - self.processor_decay
+            b = 1.0 - self.decay
+            if self.mean == "arithmetic":
+                # what the log model leaves, averaged as a ratio: a processor time-sliced
+                # with another process runs most blocks at full speed and a few several
+                # times slower; the mean ratio is what that costs, the log mean hides it.
+                # Kept apart from F and o (fed back into them, the two drift apart).
+                t = self._relaxed_tail(proc, now)
+                resid = math.exp(x - f - pair.log_offset)
+                # slower than F (tail_decay 0.95: ~20 observations): it averages rare events
+                proc.log_tail = math.log(max(1e-6, math.exp(t) + self.tail_rate * (resid - math.exp(t))))
             f += a * ((x - pair.log_offset) - f)
+            pair.log_offset += b * ((x - f) - pair.log_offset)
             proc.log_factor, proc.last_s = f, now
             proc.observations += 1
-            b = 1.0 - self.decay
-            pair.log_offset += b * ((x - f) - pair.log_offset)
             pair.observations += 1
             pair.last_ratio = math.exp(x)
 
@@ -205,7 +240,8 @@ class LatencyCorrector:
         with self._lock:
             procs = {
                 p: {
-                    "factor": math.exp(self._relaxed(s, now)) if self.enabled else 1.0,
+                    "factor": math.exp(self._processor_log(s, now)) if self.enabled else 1.0,
+                    "tail": math.exp(self._relaxed_tail(s, now)),
                     "learned_factor": math.exp(s.log_factor),
                     "observations": s.observations,
                     "idle_s": None if s.last_s is None else max(0.0, now - s.last_s),
@@ -216,7 +252,7 @@ class LatencyCorrector:
                 {
                     "block_id": b,
                     "processor": p,
-                    "multiplier": math.exp(self._relaxed(self._procs.get(p), now) + s.log_offset)
+                    "multiplier": math.exp(self._processor_log(self._procs.get(p), now) + s.log_offset)
                     if self.enabled
                     else 1.0,
                     "offset": math.exp(s.log_offset),

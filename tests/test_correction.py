@@ -129,3 +129,21 @@ def test_thread_safe() -> None:
         t.join()
     assert c.snapshot(0.2)["observations"] == 6 * 2000
     assert c.multiplier("b0", "p0", now_s=0.2) == pytest.approx(2.0, rel=0.05)
+
+
+def test_time_slicing_shows_in_the_arithmetic_mean_not_the_geometric() -> None:
+    # a core shared with a busy process: 9 blocks in 10 at full speed, 1 waits a slice (8x)
+    ratios = ([1.0] * 9 + [8.0]) * 40
+    found = {}
+    for mean in ("arithmetic", "geometric"):
+        c = LatencyCorrector(mean=mean, clock=lambda: 0.0)
+        seen = []
+        for i, r in enumerate(ratios):
+            c.observe(f"b{i % 3}", "p", 1.0, r, now_s=0.0)
+            seen.append(c.corrected_ms(f"b{i % 3}", "p", 1.0, now_s=0.0))
+        found[mean] = sum(seen[-100:]) / 100  # what the scheduler was told, over the last 100 blocks
+    # what the processor delivers: 1.7x the predicted time per block on average
+    assert 1.3 < found["arithmetic"] < 2.4
+    assert found["geometric"] < 1.35
+    with pytest.raises(ConfigError, match="mean"):
+        LatencyCorrector(mean="median")
