@@ -12,7 +12,7 @@ OUT ?= out
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[openvino,dev]'
+	$(BIN)/python -m pip install -q -e '.[openvino,tvm,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

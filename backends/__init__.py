@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "onnxruntime": "backends.ort:OrtBackend",
     "openvino": "backends.openvino:OpenVinoBackend",
+    "tvm": "backends.tvm:TvmBackend",
+    "tensorrt": "backends.tensorrt:TensorRtBackend",
     "null": "backends.null:NullBackend",
 }
 
