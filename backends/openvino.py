@@ -20,7 +20,6 @@ worker threads, which are shared by the whole process and not pinned by this bac
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import re
 import threading
@@ -247,7 +246,6 @@ class OpenVinoBackend(Backend):
 
     def release(self, block: LoadedBlock) -> None:
         mark_released(block)
-        gc.collect()
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
