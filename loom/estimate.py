@@ -130,7 +130,15 @@ def link_model(data: ProfileDataset | None, device: DeviceProfile) -> LinkModel:
     """The dataset's calibrated links and dispatch costs, else the device profile's figures."""
     calib = data.meta.get("link_calibration") if data is not None else None
     if calib and calib.get("links") is not None:
-        return LinkModel.from_calibration(calib)
+        model = LinkModel.from_calibration(calib)
+        # a processor added to the profile after the calibration: its links and dispatch
+        # cost come from the profile until the next calibration measures them
+        for (a, b), link in LinkModel.from_profile(device).links.items():
+            if (a, b) not in model.links and (b, a) not in model.links:
+                model.links[(a, b)] = link
+        for proc in device.processors:
+            model.dispatch_ms.setdefault(proc.name, proc.dispatch_us / 1e3)
+        return model
     model = LinkModel.from_profile(device)
     model.dispatch_ms = {p.name: p.dispatch_us / 1e3 for p in device.processors}
     return model

@@ -96,6 +96,29 @@ class HotnessTracker:
             return {k: self._at(k, now_s) * self._decay for k in self._counts}
 
 
+def planned_shares(
+    candidates_by_task: Mapping[str, Sequence[Plan]],
+    mix: Mapping[str, Mapping[tuple[tuple[str, ...], tuple[str, ...]], float]],
+    *,
+    adaptive: bool,
+) -> dict[str, list[float]]:
+    """Each task's expected share of each candidate, for ``Preloader.initial_set``.
+
+    A fixed-plan policy runs its first candidate; an adaptive one follows its planned
+    ``mix`` (``{(config, placement): share}``); a task with neither is left out (its
+    candidates are then taken as equally likely).
+    """
+    shares: dict[str, list[float]] = {}
+    for t, plans in candidates_by_task.items():
+        if not adaptive:
+            shares[t] = [1.0] + [0.0] * (len(plans) - 1)
+        elif mix.get(t):
+            w = [float(mix[t].get((p.config, p.placement), 0.0)) for p in plans]
+            if sum(w) > 0:
+                shares[t] = w
+    return shares
+
+
 def replaceability(candidates_by_task: Mapping[str, Sequence[Plan]], max_slowdown: float = 4.0) -> dict[Key, float]:
     """The penalty of every pair the candidates use (see the module's formula)."""
     out: dict[Key, float] = {}

@@ -64,7 +64,7 @@ import numpy as np
 from loom.correction import LatencyCorrector
 from loom.errors import BackendError, ConfigError, LoomError, RuntimeClosedError, SloUnservableError
 from loom.metrics import RequestRecord, slo_status
-from loom.preload import Key, Preloader, plan_keys
+from loom.preload import Key, Preloader, plan_keys, planned_shares
 from loom.scheduler import Decision, Reservation, Scheduler
 from loom.workers import start_pinned_thread
 from placement.plan import Plan
@@ -109,9 +109,14 @@ class BlockCache:
     """
 
     def __init__(
-        self, processor: str, backend: Backend, resolve: Callable[[str], Path], budget: _Budget | None = None
+        self, processor: str, backend: Backend, resolve: Callable[[str], Path], budget: _Budget | None = None,
+        known_bytes: Callable[[str, str], int | None] | None = None,
     ) -> None:
         self.processor = processor
+        #: a block's footprint measured offline (alone, the engine warm), preferred to the
+        #: RSS growth seen at load: that one also holds the engine's one-off setup on the
+        #: first load and whatever another worker's load allocated at the same moment
+        self._known_bytes = known_bytes
         self.backend = backend
         self._resolve = resolve
         self._budget = budget
@@ -148,7 +153,8 @@ class BlockCache:
                     self._budget.after_load(self, block_id, reserved, None)
                 raise BackendError(f"loading block {block_id} on {self.processor}: {exc}") from exc
             dt = time.perf_counter() - t0
-            nbytes = int(self.backend.memory_bytes(block))
+            known = self._known_bytes(block_id, self.processor) if self._known_bytes is not None else None
+            nbytes = int(known) if known else int(self.backend.memory_bytes(block))
             if nbytes <= 0 and reserved > 0:
                 # a measured 0 (the allocator reused freed pages) would make the budget blind
                 nbytes = reserved
@@ -391,6 +397,9 @@ class Runtime:
         preloader: Preloader | None = None,
         prefetch_max_load_ms: float = 5.0,
         block_store: BlockStore | None = None,
+        block_bytes: Mapping[Key, int] | None = None,
+        rates: Mapping[str, float] | None = None,
+        mix: Mapping[str, Mapping[tuple[tuple[str, ...], tuple[str, ...]], float]] | None = None,
     ) -> None:
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
@@ -421,6 +430,13 @@ class Runtime:
         #: where blocks are read from when it holds them: each file's sha256 is checked
         #: against the store's index on its first load, and a mismatch fails that load
         self.block_store = block_store
+        #: (block, processor) -> resident bytes measured offline (``loom profile``); the
+        #: memory budget counts these instead of run-time RSS growth where known
+        self.block_bytes: dict[Key, int] = {k: int(v) for k, v in (block_bytes or {}).items() if v and v > 0}
+        #: what the preloader's initial set expects: each task's rate and planned mix
+        #: (without them, every task at 1/s over equally likely candidates)
+        self._rates = dict(rates or {})
+        self._initial_mix = {t: dict(m) for t, m in (mix or {}).items()}
         self.prefetches = 0
         self._prefetching: set[str] = set()
         self._budget = (
@@ -522,7 +538,8 @@ class Runtime:
             else:
                 raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
             worker = _EdfWorker(processor, backend)
-            self._caches[processor] = BlockCache(processor, backend, self._resolve, self._budget)
+            self._caches[processor] = BlockCache(processor, backend, self._resolve, self._budget,
+                                                 known_bytes=lambda b, p: self.block_bytes.get((b, p)))
             self._workers[processor] = worker
             return worker
 
@@ -547,6 +564,8 @@ class Runtime:
         measurement replaces the guess after the first load.
         """
         assert self.preloader is not None
+        if (block_id, processor) in self.block_bytes:
+            return self.block_bytes[(block_id, processor)]
         known = self.preloader.size((block_id, processor), -1)
         if known >= 0:
             return known
@@ -581,7 +600,9 @@ class Runtime:
             (b, p): self._estimate_bytes(b, p)
             for plans in candidates.values() for plan in plans for b, p in plan_keys(plan)
         }
-        chosen = self.preloader.initial_set(candidates, {t: 1.0 for t in candidates}, sizes, now_s=self.now())
+        shares = planned_shares(candidates, self._initial_mix, adaptive=self.adaptive)
+        rates = {t: self._rates.get(t, 1.0) for t in candidates}
+        chosen = self.preloader.initial_set(candidates, rates, sizes, shares or None, now_s=self.now())
         wanted: dict[str, list[str]] = {}
         for b, p in sorted(chosen):
             wanted.setdefault(p, []).append(b)

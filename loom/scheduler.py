@@ -456,9 +456,15 @@ class Scheduler:
         chosen = self._chosen.setdefault(task, {})
         total = sum(chosen.values()) + 1
         best: tuple[float, float, float, _Priced] | None = None
+        load = self._load
         for i, p in enumerate(candidates):
             share = mix.get((p.config, p.placement))
             if share is None or p.accuracy < floor:
+                continue
+            if load is not None and any(load(b, q) for b, q in zip(p.block_ids, p.placement, strict=True)):
+                # under a memory budget the mix takes only resident plans: the mix knows
+                # nothing of memory, and following it into loads evicts what the next
+                # request needs (thrashing). The full rule below prices the loads.
                 continue
             c = self._price(i, p, now_s, free, view, memo)
             late = 0.0 if c.finish_s <= deadline_s else 1.0

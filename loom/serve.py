@@ -37,7 +37,7 @@ from loom.blockstore import BlockStore
 from loom.config import POLICIES, SloConfig, load_slo_config
 from loom.correction import LatencyCorrector
 from loom.device import DeviceProfile, load_device_profile
-from loom.errors import ConfigError
+from loom.errors import ConfigError, LoomError
 from loom.estimate import Estimates, dataset_digest, fit_estimates, partition_features
 from loom.family import Family, load_family
 from loom.metrics import MetricsCollector, RequestRecord, RssSampler, summarize
@@ -118,6 +118,7 @@ class Deployment:
     #: every task's blocks, once each, checked against their sha256 on first load
     store: BlockStore | None = None
     _inputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _block_bytes: dict[tuple[str, str], int] | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: SloConfig | str | Path, *, refit: bool = False) -> Deployment:
@@ -185,6 +186,18 @@ class Deployment:
         return replace(plan, block_ms=block_ms,
                        latency_ms=plan.latency_ms - sum(plan.block_ms) + sum(block_ms) + extra)
 
+    def block_bytes(self) -> dict[tuple[str, str], int]:
+        """(block, processor) -> resident bytes the profile dataset measured (empty without one)."""
+        if self._block_bytes is None:
+            try:
+                data = load_profile_dataset(self.dataset_dir())
+            except LoomError:
+                data = None
+            self._block_bytes = {} if data is None else {
+                (r["block_id"], r["processor"]): int(r["memory_bytes"])
+                for r in data.blocks if r["status"] == "ok" and r.get("memory_bytes")}
+        return self._block_bytes
+
     def dataset_dir(self) -> Path:
         """The profile dataset the estimators were fitted on (else the device's default one)."""
         given = self.estimates.notes.get("latency", {}).get("dataset")
@@ -211,22 +224,27 @@ class Deployment:
         enabled = self.config.correction.enabled if correction is None else correction
         return LatencyCorrector(enabled=enabled, decay=self.config.correction.decay)
 
-    def steer(self, scheduler: Scheduler, policy_name: str, bindings: Sequence[TaskBinding]) -> None:
+    def steer(self, scheduler: Scheduler, policy_name: str, bindings: Sequence[TaskBinding],
+              mix: Mapping[str, dict] | None = None) -> dict[str, dict]:
         """Every adaptive policy is steered by the same joint assignment over its own candidates,
-        so that a comparison isolates what each may choose."""
-        if get_policy(policy_name).adaptive:
-            for task, shares in self.mixes({b.task: b.candidates for b in bindings}).items():
-                scheduler.set_mix(task, shares)
+        so that a comparison isolates what each may choose. Returns the mix set (empty for fixed plans)."""
+        if not get_policy(policy_name).adaptive:
+            return {}
+        mix = dict(mix) if mix is not None else self.mixes({b.task: b.candidates for b in bindings})
+        for task, shares in mix.items():
+            scheduler.set_mix(task, shares)
+        return mix
 
     def runtime(self, policy_name: str, *, correction: bool | None = None,
                 on_record: Callable[[RequestRecord], None] | None = None) -> Runtime:
         policy = get_policy(policy_name)
         bindings = self.bindings(policy_name)
+        mix = self.mixes({b.task: b.candidates for b in bindings}) if policy.adaptive else {}
         rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
                      on_unservable=self.config.on_unservable, correction=self.corrector(correction),
                      on_record=on_record, memory_budget_mb=self.config.memory_budget_mb,
-                     block_store=self.store)
-        self.steer(rt.scheduler, policy.name, bindings)
+                     block_store=self.store, block_bytes=self.block_bytes(), rates=self.rates(), mix=mix)
+        self.steer(rt.scheduler, policy.name, bindings, mix)
         return rt
 
     def inputs(self, task: str) -> np.ndarray:

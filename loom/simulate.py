@@ -50,7 +50,7 @@ from loom.device import DeviceProfile
 from loom.errors import ConfigError
 from loom.estimate import link_model, partition_features
 from loom.metrics import RequestRecord, slo_status, summarize
-from loom.preload import Key, Preloader, plan_keys
+from loom.preload import Key, Preloader, plan_keys, planned_shares
 from loom.profile import ProfileDataset
 from loom.runtime import TaskBinding
 from loom.scheduler import Reservation, Scheduler
@@ -235,6 +235,8 @@ class SimRuntime:
         memory_budget_mb: float | None = None,
         slowdowns: Sequence[Slowdown] = (),
         seed: int = 0,
+        rates: Mapping[str, float] | None = None,
+        mix: Mapping[str, Mapping[Any, float]] | None = None,
     ) -> None:
         self.policy_name = policy_name
         self.adaptive = adaptive
@@ -245,6 +247,8 @@ class SimRuntime:
         self._now = 0.0
         self._rng = np.random.default_rng(seed)
         self._slowdowns = list(slowdowns)
+        self._rates = dict(rates or {})
+        self._initial_mix = {t: dict(m) for t, m in (mix or {}).items()}
         self.preloader: Preloader | None = None
         self._resident: dict[str, dict[str, int]] = {p: {} for p in self.processors}
         if memory_budget_mb is not None:
@@ -311,7 +315,9 @@ class SimRuntime:
         assert self.preloader is not None
         candidates = {t: b.candidates for t, b in self._tasks.items()}
         sizes = {k: self._size(k) for plans in candidates.values() for plan in plans for k in plan_keys(plan)}
-        for b, p in self.preloader.initial_set(candidates, {t: 1.0 for t in candidates}, sizes, now_s=0.0):
+        shares = planned_shares(candidates, self._initial_mix, adaptive=self.adaptive)
+        rates = {t: self._rates.get(t, 1.0) for t in candidates}
+        for b, p in self.preloader.initial_set(candidates, rates, sizes, shares or None, now_s=0.0):
             self._resident[p][b] = sizes[(b, p)]
         self._note_memory()
 
@@ -491,13 +497,14 @@ def simulate(
             trace = [replace(it, t_s=it.t_s / rate_scale) for it in trace]
     policy = get_policy(policy_name)
     bindings = dep.bindings(policy.name)
+    mix = dep.mixes({b.task: b.candidates for b in bindings}) if policy.adaptive else {}
     sim = SimRuntime(
         tasks=bindings, processors=list(dep.device.processor_names), latency=latency, policy_name=policy.name,
         adaptive=policy.adaptive, on_unservable=cfg.on_unservable, correction=dep.corrector(correction),
         memory_budget_mb=cfg.memory_budget_mb, slowdowns=slowdowns,
-        seed=cfg.run.seed if seed is None else seed,
+        seed=cfg.run.seed if seed is None else seed, rates=dep.rates(), mix=mix,
     )
-    dep.steer(sim.scheduler, policy.name, bindings)
+    dep.steer(sim.scheduler, policy.name, bindings, mix)
     timeline = control_events(dep, policy.name, sim, duration_s=duration, correction=correction,
                               replan_s=replan_s, clock=sim.now)
     t0 = time.perf_counter()

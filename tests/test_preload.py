@@ -108,6 +108,21 @@ def test_scheduler_prefers_resident_plans_when_a_load_breaks_the_deadline() -> N
     assert aware.choose("t", many, **kw).plan is resident_plan
 
 
+def test_under_a_budget_the_mix_takes_only_resident_plans() -> None:
+    resident_plan = plan("t", ("R",), ("p",), ms=5.0)
+    fast_cold = plan("t", ("C",), ("p",), ms=1.0)
+    kw = {"now_s": 0.0, "deadline_s": 0.100, "accuracy_floor": 0.5, "adaptive": True}
+    s = Scheduler(["p"], resident=lambda b, p: b == "R", load_ms=lambda b, p: 1.0)
+    s.set_mix("t", {(fast_cold.config, fast_cold.placement): 1.0})
+    # the cold plan is on time even with its load, but following the mix into a load
+    # would evict what others need: the resident plan serves
+    assert s.choose("t", [fast_cold, resident_plan], **kw).plan is resident_plan
+    # without residency hooks (no budget) the mix is followed
+    free = Scheduler(["p"])
+    free.set_mix("t", {(fast_cold.config, fast_cold.placement): 1.0})
+    assert free.choose("t", [fast_cold, resident_plan], **kw).plan is fast_cold
+
+
 # -- the runtime under a budget -------------------------------------------------------------------
 def three_tasks(tmp_path: Path) -> tuple[list[TaskBinding], dict[str, Path]]:
     ms = {"a": 0.2, "b": 0.2}
