@@ -44,8 +44,8 @@ def write_profile(tmp_path: Path, data: dict) -> Path:
 def test_host_profile_loads():
     host = load_device_profile("host")
     assert host.name == "host"
-    assert host.processor_names == ["cpu0-ort", "cpu1-ov"]
-    assert [p.backend for p in host.processors] == ["onnxruntime", "openvino"]
+    assert host.processor_names == ["cpu0-ort", "cpu1-ov", "cpu1-tvm"]
+    assert [p.backend for p in host.processors] == ["onnxruntime", "openvino", "tvm"]
     assert host.processor("cpu0-ort").cores == [0] and host.processor("cpu1-ov").cores == [1]
     assert host.processor("cpu1-ov").options["precision"] == "f32"
     link = host.link("cpu1-ov", "cpu0-ort")
