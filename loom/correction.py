@@ -112,6 +112,7 @@ class LatencyCorrector:
         max_ratio: float = 10.0,
         mean: str = "arithmetic",
         tail_decay: float = 0.95,
+        relative: bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if mean not in ("arithmetic", "geometric"):
@@ -130,6 +131,7 @@ class LatencyCorrector:
         self.max_log_ratio = math.log(max_ratio)
         self.mean = mean
         self.tail_rate = 1.0 - float(tail_decay)
+        self.relative = relative
         #: the runtime passes ``now_s`` from the same clock (perf_counter by default)
         self.clock = clock
         self._lock = threading.Lock()
@@ -150,9 +152,23 @@ class LatencyCorrector:
         idle = max(0.0, now_s - state.last_s)
         return state.log_tail * 0.5 ** (idle / self.half_life_s)
 
-    def _processor_log(self, state: _ProcessorState | None, now_s: float) -> float:
+    def _raw_log(self, state: _ProcessorState | None, now_s: float) -> float:
         """The processor's whole log multiplier now: the factor plus (arithmetic mean) the tail."""
         return self._relaxed(state, now_s) + self._relaxed_tail(state, now_s)
+
+    def _common_log(self, now_s: float) -> float:
+        """What every recently observed processor shares (``relative``): the least of their factors."""
+        if not self.relative:
+            return 0.0
+        recent = [self._raw_log(s, now_s) for s in self._procs.values()
+                  if s.last_s is not None and now_s - s.last_s < 2 * self.half_life_s]
+        return min(recent) if len(recent) >= 2 else 0.0
+
+    def _processor_log(self, state: _ProcessorState | None, now_s: float) -> float:
+        """The processor's log multiplier as the scheduler sees it (relative: less the common part)."""
+        if state is None:
+            return 0.0
+        return self._raw_log(state, now_s) - self._common_log(now_s)
 
     def processor_factor(self, processor: str, *, now_s: float | None = None) -> float:
         """The multiplier a block never observed on ``processor`` gets now."""
@@ -183,7 +199,8 @@ class LatencyCorrector:
             return CorrectionView(False)
         now = self.clock() if now_s is None else now_s
         with self._lock:
-            factors = {p: self._processor_log(s, now) for p, s in self._procs.items()}
+            common = self._common_log(now)
+            factors = {p: self._raw_log(s, now) - common for p, s in self._procs.items()}
             offsets = {k: s.log_offset for k, s in self._pairs.items() if s.log_offset}
         return CorrectionView(True, factors, offsets)
 

@@ -312,12 +312,15 @@ class _EdfWorker:
     to the thread. ``close()`` runs what is queued, then joins.
     """
 
-    def __init__(self, name: str, backend: Backend) -> None:
+    def __init__(self, name: str, backend: Backend, on_wake: Callable[[float], None] | None = None) -> None:
         self.name = name
         self.backend = backend
-        self._heap: list[tuple[JobKey, Callable[[], None]]] = []
+        self._heap: list[tuple[JobKey, Callable[[], None], float | None]] = []
         self._cond = threading.Condition()
         self._closed = False
+        #: told how long a job handed to the idle worker waited to start (seconds)
+        self._on_wake = on_wake
+        self._running = False
         self._thread, self.pinned, _ = start_pinned_thread(name, backend, self._loop,
                                                           thread_name=f"loom-runtime-{name}")
 
@@ -328,18 +331,30 @@ class _EdfWorker:
                     self._cond.wait()
                 if not self._heap:
                     return  # closed and drained
-                _key, job = heapq.heappop(self._heap)
+                _key, job, handed_s = heapq.heappop(self._heap)
+                self._running = True
+            if handed_s is not None and self._on_wake is not None:
+                try:
+                    self._on_wake(time.perf_counter() - handed_s)
+                except Exception:
+                    log.exception("wake-up report of worker %s failed", self.name)
             try:
                 job()
             except BaseException:
                 log.exception("job on worker %s raised", self.name)
+            finally:
+                with self._cond:
+                    self._running = False
             del job  # drop its feeds and outputs before waiting again
 
     def put(self, key: JobKey, job: Callable[[], None]) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeClosedError(f"worker {self.name!r} is closed")
-            heapq.heappush(self._heap, (key, job))
+            # a request's job handed to an idle worker: time its wake-up (control jobs
+            # such as loads have key -inf and prefetches +inf: not requests)
+            idle = not self._running and not self._heap and math.isfinite(key[0])
+            heapq.heappush(self._heap, (key, job, time.perf_counter() if idle else None))
             self._cond.notify()
 
     def __len__(self) -> int:
@@ -537,7 +552,8 @@ class Runtime:
                 backend = self.device.make_backend(processor)
             else:
                 raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
-            worker = _EdfWorker(processor, backend)
+            worker = _EdfWorker(processor, backend,
+                                on_wake=lambda d, p=processor: self.scheduler.observe_wake(p, d, self.now()))
             self._caches[processor] = BlockCache(processor, backend, self._resolve, self._budget,
                                                  known_bytes=lambda b, p: self.block_bytes.get((b, p)))
             self._workers[processor] = worker
@@ -768,6 +784,7 @@ class Runtime:
             "memory": self._memory_stats(caches),
             "preload_errors": preload_errors,
             "correction": self.corrector.snapshot(now),
+            "wake_ms": self.scheduler.wake_ms(now),
         }
 
     def _memory_stats(self, caches: Mapping[str, BlockCache]) -> dict[str, Any]:

@@ -262,3 +262,23 @@ def test_a_mix_falls_back_to_any_on_time_plan_and_rejects_when_none_is() -> None
     # and when no candidate at all is on time, the request is rejected
     d = choose(s2, [late], deadline_ms=10.0)
     assert d.plan is None and not d.feasible
+
+
+def test_wake_up_tail_is_tracked_and_delays_an_idle_processor_only_when_asked() -> None:
+    from loom.correction import LatencyCorrector
+
+    s = Scheduler(["a", "b"], corrector=LatencyCorrector())
+    for i in range(400):  # 4 in 5 wake-ups are quick, 1 in 5 waits 4 ms: the p90 is 4 ms
+        s.observe_wake("a", 0.004 if i % 5 == 0 else 0.0001, now_s=i * 0.001)
+    now = 0.4
+    assert 1.0 < s.wake_ms(now)["a"] < 4.5
+    assert s.free_at(now) == {"a": now, "b": now}  # tracked, not used
+    s.wake_aware = True
+    free = s.free_at(now)
+    assert free["a"] > now and free["b"] == now
+    # a processor left alone relaxes back (half-life 5 s)
+    assert s.free_at(now + 30)["a"] - (now + 30) < 0.05 * (free["a"] - now)
+    # without an enabled corrector nothing is learned
+    off = Scheduler(["a"], corrector=LatencyCorrector(enabled=False))
+    off.observe_wake("a", 0.004, now_s=0.0)
+    assert off.wake_ms(0.0) == {}
