@@ -58,6 +58,7 @@ from placement.plan import Plan
 from placement.policies import get_policy
 
 __all__ = [
+    "HostOverhead",
     "LatencyModel",
     "SimResult",
     "SimRuntime",
@@ -124,6 +125,72 @@ class LatencyModel:
         """The task spaces' (predicted) block latencies, with an optional uniform spread."""
         med = {k: float(v) for space in spaces.values() for k, v in space.block_ms.items()}
         return cls(med, {k: sigma for k in med} if sigma > 0 else {}, source=source)
+
+
+@dataclass
+class HostOverhead:
+    """What a real runtime adds around the blocks, as empirical samples from a real run.
+
+    The block tables say how long a block takes alone; a Python runtime on a small host
+    adds the wait before an idle worker starts a request's first segment (submit,
+    scheduling decision, thread wake-up, the GIL), the same wait at each hand-off, and
+    blocks that run slower than alone (the runtime's threads and the other worker share
+    the memory system and the cores). ``from_records`` measures all three from one
+    real run's per-request spans; the simulator then draws from them instead of using
+    the plans' modelled dispatch and hand-off costs (which they contain). Calibrate on
+    one run and validate on others (``scripts/bench_sim.py``).
+    """
+
+    start_delay_ms: np.ndarray
+    hand_off_ms: np.ndarray
+    block_ratio: np.ndarray
+    source: str = ""
+
+    @classmethod
+    def from_records(cls, records: Sequence[RequestRecord], latency: LatencyModel, *, source: str = "") -> HostOverhead:
+        spans_by_proc: dict[str, list[tuple[float, float]]] = {}
+        for r in records:
+            for proc, _b, s0, s1 in r.spans:
+                spans_by_proc.setdefault(proc, []).append((s0, s1))
+        starts: dict[str, np.ndarray] = {}
+        ends: dict[str, np.ndarray] = {}
+        for proc, spans in spans_by_proc.items():
+            spans.sort()
+            starts[proc] = np.array([a for a, _ in spans])
+            ends[proc] = np.maximum.accumulate(np.array([b for _, b in spans]))
+
+        def idle_between(proc: str, t0: float, t1: float) -> bool:
+            """No block ran on ``proc`` between t0 and t1 (t1: the start of the segment in question)."""
+            j = int(np.searchsorted(starts[proc], t1, side="left")) - 1  # blocks that started before t1
+            return j < 0 or ends[proc][j] <= t0
+
+        start, hand, ratio = [], [], []
+        for r in records:
+            if not r.spans or r.latency_ms is None:
+                continue
+            first_proc, _b, first_start, _e = r.spans[0]
+            if idle_between(first_proc, r.arrival_s, first_start):
+                start.append((first_start - r.arrival_s) * 1e3)
+            for (p0, _b0, _s0, e0), (p1, _b1, s1, _e1) in zip(r.spans, r.spans[1:], strict=False):
+                if p0 != p1 and idle_between(p1, e0, s1):
+                    hand.append((s1 - e0) * 1e3)
+            for proc, b, s0, s1 in r.spans:
+                m = latency.median_ms.get((b, proc))
+                if m:
+                    ratio.append((s1 - s0) * 1e3 / m)
+        if not start or not ratio:
+            raise ConfigError("host overhead: the run has no request that started on an idle processor")
+        return cls(np.array(start), np.array(hand or [0.0]), np.array(ratio), source=source)
+
+    def draw(self, samples: np.ndarray, rng: np.random.Generator) -> float:
+        return float(samples[rng.integers(len(samples))])
+
+    def summary(self) -> dict[str, Any]:
+        def q(a: np.ndarray) -> dict[str, float]:
+            return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+                    "p99": float(np.percentile(a, 99))}
+        return {"start_delay_ms": q(self.start_delay_ms), "hand_off_ms": q(self.hand_off_ms),
+                "block_ratio": q(self.block_ratio), "source": self.source}
 
 
 #: Share of a processor's datasheet peak that one batch-1 block reaches (an estimate: small
@@ -237,8 +304,10 @@ class SimRuntime:
         seed: int = 0,
         rates: Mapping[str, float] | None = None,
         mix: Mapping[str, Mapping[Any, float]] | None = None,
+        overhead: HostOverhead | None = None,
     ) -> None:
         self.policy_name = policy_name
+        self.overhead = overhead
         self.adaptive = adaptive
         self.latency = latency
         self.corrector = correction if correction is not None else LatencyCorrector()
@@ -378,6 +447,16 @@ class SimRuntime:
         self._ready(req, 0)
 
     def _ready(self, req: _SimRequest, i: int) -> None:
+        if self.overhead is not None:
+            # the measured wait before an idle worker starts the segment (submit and
+            # scheduling, or the hand-off; the worker's wake-up): not processor time
+            o = self.overhead
+            delay = o.draw(o.start_delay_ms if i == 0 else o.hand_off_ms, self._rng)
+            self._at(self._now + delay / 1e3, lambda: self._queue(req, i))
+            return
+        self._queue(req, i)
+
+    def _queue(self, req: _SimRequest, i: int) -> None:
         proc = req.segments[i][0]
         heapq.heappush(self._queues[proc], ((req.deadline_s, -float(req.binding.priority), req.seq), req, i))
         if not self._busy[proc]:
@@ -398,13 +477,19 @@ class SimRuntime:
         factor = self._factor(proc, now)
         # the work that lands on this processor before its blocks: the plan's dispatch on
         # the first segment, the hand-off into this one on later segments
-        t = now + (req.plan.dispatch_ms if i == 0 else req.plan.transfer_ms[slots[0] - 1]) * factor / 1e3
+        if self.overhead is None:
+            t = now + (req.plan.dispatch_ms if i == 0 else req.plan.transfer_ms[slots[0] - 1]) * factor / 1e3
+        else:
+            t = now  # the measured delays hold dispatch and hand-off (see _ready)
         protect = set(plan_keys(req.plan)) if self.preloader is not None else set()
         observed = []
         for s in slots:
             b = req.plan.block_ids[s]
             t += self._ensure(b, proc, protect) / 1e3
-            ms = self.latency.sample((b, proc), self._rng) * factor
+            if self.overhead is None:
+                ms = self.latency.sample((b, proc), self._rng) * factor
+            else:
+                ms = self.latency.median_ms[(b, proc)] * self.overhead.draw(self.overhead.block_ratio, self._rng) * factor
             req.spans.append((proc, b, t, t + ms / 1e3))
             observed.append((b, req.plan.block_ms[s], ms, t + ms / 1e3))
             t += ms / 1e3
@@ -480,6 +565,7 @@ def simulate(
     replan_s: float = 1.0,
     seed: int | None = None,
     trace: Sequence[TraceItem] | None = None,
+    overhead: HostOverhead | None = None,
 ) -> SimResult:
     """``run_trace``'s run, simulated: the config's seeded trace under one policy.
 
@@ -502,7 +588,7 @@ def simulate(
         tasks=bindings, processors=list(dep.device.processor_names), latency=latency, policy_name=policy.name,
         adaptive=policy.adaptive, on_unservable=cfg.on_unservable, correction=dep.corrector(correction),
         memory_budget_mb=cfg.memory_budget_mb, slowdowns=slowdowns,
-        seed=cfg.run.seed if seed is None else seed, rates=dep.rates(), mix=mix,
+        seed=cfg.run.seed if seed is None else seed, rates=dep.rates(), mix=mix, overhead=overhead,
     )
     dep.steer(sim.scheduler, policy.name, bindings, mix)
     timeline = control_events(dep, policy.name, sim, duration_s=duration, correction=correction,

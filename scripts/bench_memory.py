@@ -602,9 +602,10 @@ def main() -> int:
     ap.add_argument("--policies", nargs="*", default=["sparseloom", "av-p"])
     ap.add_argument("--in-process", action="store_true", help="run the sweep's runs in this process (RSS accumulates)")
     ap.add_argument("--cell-timeout", type=float, default=600.0, help="seconds a sweep run may take (child process)")
-    ap.add_argument("--basis", choices=("runtime", "dataset"), default="runtime",
-                    help="what the budget shares are of: the runtime's own count of everything resident (measured "
-                         "in the all-preloaded sparseloom run) or the host dataset's measured memory_bytes")
+    ap.add_argument("--basis", choices=("runtime", "dataset"), default="dataset",
+                    help="what the budget shares are of: the host dataset's measured memory_bytes of every "
+                         "(block, processor) sparseloom's plans use (what the runtime's budget counts since it takes "
+                         "offline sizes), or the runtime's own count in the all-preloaded sparseloom run")
     ap.add_argument("--drain-grace", type=float, default=5.0,
                     help="seconds queued work may run after the trace before it is cancelled (-1: drain all)")
     ap.add_argument("--no-sweep", action="store_true")
