@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from test_serve import setup, write_config  # noqa: F401  (setup is a fixture)
 
@@ -172,3 +173,31 @@ def test_roofline_is_slower_for_more_work_and_refuses_missing_precisions():
     # a DLA has no fp32 peak, but runs float blocks at fp16 (TensorRT's fp16 flag)
     dla = load_device_profile("jetson-agx-orin").processor("dla0")
     assert roofline_ms(small, dla) is not None
+
+
+def test_host_overhead_is_measured_only_where_the_processor_was_idle():
+    from loom.metrics import RequestRecord
+    from loom.simulate import HostOverhead
+
+    def rec(i: int, arrival: float, spans: list) -> RequestRecord:
+        return RequestRecord(id=i, task="a", policy="x", arrival_s=arrival, start_s=spans[0][2], end_s=spans[-1][3],
+                             latency_ms=(spans[-1][3] - arrival) * 1e3, latency_bound_ms=100.0, accuracy_floor=0.0,
+                             spans=spans)
+
+    lat = LatencyModel({("b", "p"): 1.0, ("c", "q"): 2.0})
+    records = [
+        # idle p: waited 0.5 ms to start; hand-off to idle q took 0.2 ms; blocks at 1x and 1.5x
+        rec(0, 0.0, [("p", "b", 0.0005, 0.0015), ("q", "c", 0.0017, 0.0047)]),
+        # arrived while request 0's block ran on p: its wait is queueing, not overhead
+        rec(1, 0.001, [("p", "b", 0.0016, 0.0026)]),
+    ]
+    o = HostOverhead.from_records(records, lat)
+    assert list(np.round(o.start_delay_ms, 6)) == [0.5]
+    assert list(np.round(o.hand_off_ms, 6)) == [0.2]
+    assert sorted(np.round(o.block_ratio, 6)) == [1.0, 1.0, 1.5]
+    # the simulator then draws them in place of the modelled dispatch: 0.5 + 1 ms here
+    sim = SimRuntime(tasks=[binding("a", [plan("a", "p", "b", 1.0)], 100.0)], processors=["p"], latency=lat,
+                     policy_name="sv-lo-np", adaptive=False,
+                     overhead=HostOverhead(np.array([0.5]), np.array([0.2]), np.array([1.0])))
+    sim.run(items((0.0, "a")))
+    assert sim.records[0].latency_ms == pytest.approx(1.5)
