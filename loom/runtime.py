@@ -453,7 +453,9 @@ class Runtime:
         self._rates = dict(rates or {})
         self._initial_mix = {t: dict(m) for t, m in (mix or {}).items()}
         self.prefetches = 0
+        self.prefetch_interval_s = 0.05
         self._prefetching: set[str] = set()
+        self._prefetch_checked: dict[str, float] = {}
         self._budget = (
             _Budget(preloader, self._cache_map, self._estimate_bytes, self.now) if preloader is not None else None
         )
@@ -879,11 +881,18 @@ class Runtime:
         if worker is None or cache is None or len(worker) or proc in self._prefetching:
             return
         now = self.now()
-        plans = [p for b in self._tasks.values() for p in b.candidates]
+        # at most every prefetch_interval_s per processor: ranking every candidate's blocks
+        # is Python work on the worker's thread, between requests
+        if now - self._prefetch_checked.get(proc, -math.inf) < self.prefetch_interval_s:
+            return
+        self._prefetch_checked[proc] = now
         caches = self._cache_map()
-        resident = [(b, p) for p, c in caches.items() for b in c.resident()]
         used = sum(sum(c.resident_bytes().values()) for c in caches.values()) + self._budget.reserved
         free = self.preloader.budget_bytes - used
+        if free <= 0:
+            return
+        plans = [p for b in self._tasks.values() for p in b.candidates]
+        resident = [(b, p) for p, c in caches.items() for b in c.resident()]
         for b, p in self.preloader.prefetch_hint(plans, resident, now):
             if p != proc:
                 continue
