@@ -180,7 +180,7 @@ class HostOverhead:
                     ratio.append((s1 - s0) * 1e3 / m)
         if not start or not ratio:
             raise ConfigError("host overhead: the run has no request that started on an idle processor")
-        return cls(np.array(start), np.array(hand or [0.0]), np.array(ratio), source=source)
+        return cls(np.array(start), np.array(hand), np.array(ratio), source=source)
 
     def draw(self, samples: np.ndarray, rng: np.random.Generator) -> float:
         return float(samples[rng.integers(len(samples))])
@@ -189,7 +189,8 @@ class HostOverhead:
         def q(a: np.ndarray) -> dict[str, float]:
             return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
                     "p99": float(np.percentile(a, 99))}
-        return {"start_delay_ms": q(self.start_delay_ms), "hand_off_ms": q(self.hand_off_ms),
+        return {"start_delay_ms": q(self.start_delay_ms),
+                "hand_off_ms": q(self.hand_off_ms) if self.hand_off_ms.size else {"n": 0},
                 "block_ratio": q(self.block_ratio), "source": self.source}
 
 
@@ -288,6 +289,9 @@ class _SimRequest:
 
 class SimRuntime:
     """The runtime's control surface over simulated workers (what ``control_events`` drives)."""
+
+    #: fewer measured hand-offs than this in a HostOverhead: use the plans' modelled ones
+    MIN_SAMPLES = 30
 
     def __init__(
         self,
@@ -451,7 +455,12 @@ class SimRuntime:
             # the measured wait before an idle worker starts the segment (submit and
             # scheduling, or the hand-off; the worker's wake-up): not processor time
             o = self.overhead
-            delay = o.draw(o.start_delay_ms if i == 0 else o.hand_off_ms, self._rng)
+            if i == 0:
+                delay = o.draw(o.start_delay_ms, self._rng)
+            elif len(o.hand_off_ms) >= self.MIN_SAMPLES:
+                delay = o.draw(o.hand_off_ms, self._rng)
+            else:  # a calibration run with (almost) no hand-offs: the modelled one
+                delay = req.plan.transfer_ms[req.segments[i][1][0] - 1]
             self._at(self._now + delay / 1e3, lambda: self._queue(req, i))
             return
         self._queue(req, i)
