@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_backends import small_cnn
 
 import backends
 import backends.tensorrt as trt_backend
@@ -90,36 +91,6 @@ def qdq_model(zero_point_type: int = TensorProto.INT8, zero: int = 0) -> onnx.Mo
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [scale, zp],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-
-
-def small_cnn() -> onnx.ModelProto:
-    """Conv, ReLU, pooling, Gemm, Softmax: enough kernels to compare two engines."""
-    rng = np.random.default_rng(1)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "cw"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32) * 0.1, "cb"),
-        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32) * 0.3, "gw"),
-        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32) * 0.1, "gb"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["img", "cw", "cb"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Gemm", ["f", "gw", "gb"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["prob"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [
-            helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 6]),
-            helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 8, 8]),
-        ],
-        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
