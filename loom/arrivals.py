@@ -123,15 +123,22 @@ def make_trace(
     n_samples: Mapping[str, int] | None = None,
     *,
     duration_s: float | None = None,
+    rate_scale: float = 1.0,
 ) -> list[TraceItem]:
     """Every task's requests over the run, merged and sorted by arrival time.
+
+    ``rate_scale`` thickens (> 1) or thins the trace: the arrivals of
+    ``duration_s * rate_scale`` seconds, time compressed into ``duration_s`` (same seed,
+    same order of tasks, so runs at several loads share their arrivals' pattern).
 
     ``n_samples``: the size of each task's evaluation set; each request draws its
     ``sample`` uniformly (with replacement) from ``range(n)``. A task not in it (or
     with 0) carries sample 0. ``duration_s``: default ``config.run.duration_s``. The
     trace covers the whole run, warm-up included.
     """
-    duration = config.run.duration_s if duration_s is None else duration_s
+    if not rate_scale > 0:
+        raise ConfigError(f"rate_scale must be > 0, got {rate_scale}")
+    duration = (config.run.duration_s if duration_s is None else duration_s) * rate_scale
     n_samples = n_samples or {}
     unknown = sorted(set(n_samples) - set(config.task_names))
     if unknown:
@@ -151,6 +158,6 @@ def make_trace(
         )
         for i, (t, s) in enumerate(zip(times.tolist(), samples.tolist(), strict=True)):
             # Ties in time (a trace may have them) break by task order, then index: stable.
-            items.append((t, order, i, TraceItem(t_s=t, task=task.name, index=i, sample=int(s))))
+            items.append((t, order, i, TraceItem(t_s=t / rate_scale, task=task.name, index=i, sample=int(s))))
     items.sort(key=lambda x: (x[0], x[1], x[2]))
     return [item for *_, item in items]

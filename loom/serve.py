@@ -345,9 +345,7 @@ def run_trace(
     cfg = dep.config
     duration = cfg.run.duration_s if duration_s is None else duration_s
     n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
-    trace = make_trace(cfg, n_samples, duration_s=duration * rate_scale)
-    if rate_scale != 1.0:  # the same arrivals, time compressed or stretched
-        trace = [type(it)(t_s=it.t_s / rate_scale, task=it.task, index=it.index, sample=it.sample) for it in trace]
+    trace = make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
     collector = MetricsCollector()
     policy = get_policy(policy_name)
     rt = dep.runtime(policy_name, correction=correction, on_record=collector.record)

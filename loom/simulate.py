@@ -586,10 +586,9 @@ def simulate(
     cfg = dep.config
     duration = cfg.run.duration_s if duration_s is None else duration_s
     if trace is None:
-        n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names} if hasattr(dep, "families") else None
-        trace = make_trace(cfg, n_samples, duration_s=duration * rate_scale)
-        if rate_scale != 1.0:
-            trace = [replace(it, t_s=it.t_s / rate_scale) for it in trace]
+        # the samples drawn do not matter here, but their count keeps the trace run_trace's
+        n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
+        trace = make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
     policy = get_policy(policy_name)
     bindings = dep.bindings(policy.name)
     mix = dep.mixes({b.task: b.candidates for b in bindings}) if policy.adaptive else {}

@@ -313,5 +313,12 @@ def test_make_trace(tmp_path):
     assert [i for i in longer if i.task != "c"] == trace
     data["run"]["seed"] = 6
     assert make_trace(parse_slo_config(data, source="x"), {"a": 30}) != trace
+    # twice the load: 40 s of the same arrivals in 20 s
+    double = make_trace(cfg, {"a": 30}, rate_scale=2.0)
+    assert [i.t_s * 2 for i in double[: len(trace) // 3]] == pytest.approx(
+        [i.t_s for i in make_trace(cfg, {"a": 30}, duration_s=40)][: len(trace) // 3])
+    assert max(i.t_s for i in double) < 20 and len([i for i in double if i.task == "b"]) == 800
+    with pytest.raises(ConfigError, match="rate_scale"):
+        make_trace(cfg, rate_scale=0)
     with pytest.raises(ConfigError, match="unknown task"):
         make_trace(cfg, {"zzz": 3})
