@@ -297,7 +297,7 @@ class Scheduler:
             out[p] = now_s + ahead / 1e3
             if ahead == 0.0 and self.wake_aware:
                 # an idle worker first has to wake up: its recent tail of wake-up delays
-                out[p] += self._wake_s(p, now_s)
+                out[p] += self._wake_now(p, now_s)
         return out
 
     # -- waking an idle worker ----------------------------------------------------------------
@@ -333,9 +333,6 @@ class Scheduler:
     def _wake_now(self, processor: str, now_s: float) -> float:
         q, last = self._wake.get(processor, (0.0, now_s))
         return q * 0.5 ** (max(0.0, now_s - last) / self.wake_half_life_s)
-
-    def _wake_s(self, processor: str, now_s: float) -> float:
-        return self._wake_now(processor, now_s) if processor in self._wake else 0.0
 
     def wake_ms(self, now_s: float) -> dict[str, float]:
         """The wake-up delay quantile (ms) now, per processor, for reports."""
