@@ -13,7 +13,7 @@ import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
-from loom.errors import ConfigError, MissingDependencyError
+from loom.core.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
     from backends.base import Backend

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from loom.errors import BackendError, ConfigError, ModelError
+from loom.core.errors import BackendError, ConfigError, ModelError
 
 
 @dataclass

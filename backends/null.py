@@ -28,7 +28,7 @@ from backends.base import (
     read_source,
     select_feeds,
 )
-from loom.errors import BackendError, ConfigError, UnsupportedOpsError
+from loom.core.errors import BackendError, ConfigError, UnsupportedOpsError
 
 Dim = int | str | None
 

@@ -1,6 +1,6 @@
 """OpenVINO: Intel's engine, reading ONNX directly, on its CPU (or GPU/NPU) plugin.
 
-``openvino`` is optional: it is imported on first use through ``loom.compat.require``,
+``openvino`` is optional: it is imported on first use through ``loom.core.compat.require``,
 so importing this module costs nothing and a missing package says what to install.
 
 Precision. OpenVINO's CPU plugin defaults to bf16 where the CPU has it (outputs then
@@ -46,8 +46,8 @@ from backends.base import (
     select_feeds,
     warm_model,
 )
-from loom import compat
-from loom.errors import (
+from loom.core import compat
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,

@@ -63,7 +63,7 @@ from backends.base import (
     select_feeds,
     warm_model,
 )
-from loom.errors import (
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,

@@ -1,6 +1,6 @@
 """TensorRT through its native Python API (TensorRT 10; TensorRT 11 where the API differs).
 
-``tensorrt`` is optional and imported on first use through ``loom.compat.require``:
+``tensorrt`` is optional and imported on first use through ``loom.core.compat.require``:
 importing this module imports no engine, and a machine without TensorRT says what to
 install. The API used is the one of the TensorRT 10 Python reference and the 10.x -> 11.x
 migration guide (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
@@ -103,8 +103,8 @@ from backends.base import (
     read_source,
     select_feeds,
 )
-from loom import compat
-from loom.errors import (
+from loom.core import compat
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,

@@ -1,6 +1,6 @@
 """Apache TVM: blocks compiled ahead of time (Relax), cached on disk, run by the Relax VM.
 
-``tvm`` is optional: it is imported on first use through ``loom.compat.require``, so
+``tvm`` is optional: it is imported on first use through ``loom.core.compat.require``, so
 importing this module costs nothing and a missing package says what to install.
 Written against apache-tvm 0.27 (``pip install 'sparseloom[tvm]'``), whose Python API
 differs from the releases before it (``tvm.compile``, ``tvm.s_tir``, JSON targets).
@@ -91,8 +91,8 @@ from backends.base import (
     select_feeds,
     warm_model,
 )
-from loom import compat
-from loom.errors import (
+from loom.core import compat
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,

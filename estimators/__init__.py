@@ -17,7 +17,7 @@ config, sparseloom measures a small sample and predicts the rest:
 
 Layering: this package imports only the leaf modules of ``loom`` (``errors``,
 ``compat``, ``onnxutil``), numpy and onnx; XGBoost is imported when a model is
-fitted or loaded (``loom.compat.require``). The face (``loom``) imports estimators,
+fitted or loaded (``loom.core.compat.require``). The face (``loom``) imports estimators,
 never the reverse.
 """
 

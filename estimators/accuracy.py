@@ -33,7 +33,7 @@ import numpy as np
 
 from estimators.latency import BoosterEstimator
 
-#: variant kinds, in one-hot order (``loom.family.VariantKind``); others count as "other"
+#: variant kinds, in one-hot order (``loom.model.family.VariantKind``); others count as "other"
 VARIANT_KINDS: tuple[str, ...] = ("dense", "unstructured", "structured", "int8", "fp16")
 _BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 4.0}
 
@@ -169,7 +169,7 @@ def compatibility_from_json(records: Sequence[Mapping[str, Any]]) -> Compatibili
 
 # -- config features ---------------------------------------------------------------------------------
 def _info(variant_info: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """A variant's kind, sparsity, precision and accuracy, from a dict or a ``loom.family.Variant``."""
+    """A variant's kind, sparsity, precision and accuracy, from a dict or a ``loom.model.family.Variant``."""
     try:
         v = variant_info[name]
     except KeyError:

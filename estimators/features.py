@@ -54,8 +54,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from loom.errors import LoomError
-from loom.onnxutil import concrete, infer_shapes, node_inputs, node_macs
+from loom.core.errors import LoomError
+from loom.core.onnxutil import concrete, infer_shapes, node_inputs, node_macs
 
 
 class FeatureSchemaError(LoomError, ValueError):

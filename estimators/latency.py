@@ -47,8 +47,8 @@ from estimators.features import (
     schema_of,
     to_matrix,
 )
-from loom.compat import require
-from loom.errors import ConfigError, NotFittedError
+from loom.core.compat import require
+from loom.core.errors import ConfigError, NotFittedError
 
 _XGB_BAD_NAME_CHARS = ("[", "]", "<")
 

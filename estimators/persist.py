@@ -31,8 +31,8 @@ from typing import Any
 
 from estimators.accuracy import AccuracyEstimator
 from estimators.latency import BoosterEstimator, LatencyEstimator
-from loom.compat import require
-from loom.errors import LoomError
+from loom.core.compat import require
+from loom.core.errors import LoomError
 
 FORMAT = "sparseloom-estimator"
 FORMAT_VERSION = 1
@@ -57,11 +57,11 @@ def library_versions() -> dict[str, str]:
     import numpy
     import onnx
 
-    import loom
+    from loom.core.version import __version__
 
     xgb = require("xgboost")
     return {"xgboost": xgb.__version__, "numpy": numpy.__version__, "onnx": onnx.__version__,
-            "sparseloom": loom.__version__}
+            "sparseloom": __version__}
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:

@@ -1,14 +1,14 @@
 """sparseloom: serve several DNNs at once on a heterogeneous edge SoC by stitching variants.
 
 The package is kept light to import: the public API lives in ``loom.api`` and is
-re-exported lazily, so ``import loom.errors`` (which every layer does) costs nothing.
+re-exported lazily, so ``import loom.core.errors`` (which every layer does) costs nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from loom.core.version import __version__  # noqa: F401  (re-exported)
 
 _API = {
     "Family", "Partition", "StitchedModel", "align", "evaluate_config", "evaluate_configs",

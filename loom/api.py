@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from loom.demo import run_demo
-from loom.family import Family, Manifest, Variant, load_family
-from loom.partition import (
+from loom.app.demo import run_demo
+from loom.model.family import Family, Manifest, Variant, load_family
+from loom.model.partition import (
     AlignmentReport,
     CutTolerance,
     Partition,
@@ -13,8 +13,8 @@ from loom.partition import (
     load_partition,
     partition_family,
 )
-from loom.stitch import StitchedModel, evaluate_config, evaluate_configs, merge_config
-from loom.variants import (
+from loom.model.stitch import StitchedModel, evaluate_config, evaluate_configs, merge_config
+from loom.model.variants import (
     convert_fp16,
     init_family,
     make_variants,

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loom.errors import LoomError
-from loom.progress import say
+from loom.core.errors import LoomError
+from loom.core.progress import say
 
 
 def _floats(text: str) -> list[float]:
@@ -31,7 +31,7 @@ def _cuts(text: str) -> list[list[str]]:
 
 
 def cmd_variants_init(a: argparse.Namespace) -> int:
-    from loom.variants import init_family
+    from loom.model.variants import init_family
 
     fam = init_family(a.dense, a.out, task=a.task, num_classes=a.num_classes, eval_file=a.eval,
                       calib_file=a.calib, metric=a.metric, description=a.description)
@@ -40,7 +40,7 @@ def cmd_variants_init(a: argparse.Namespace) -> int:
 
 
 def cmd_variants_make(a: argparse.Namespace) -> int:
-    from loom.variants import make_variants
+    from loom.model.variants import make_variants
 
     fam = make_variants(a.family, unstructured=a.unstructured or [], structured=a.structured or [],
                         int8=a.int8, fp16=a.fp16, source=a.source, progress=say)
@@ -49,7 +49,7 @@ def cmd_variants_make(a: argparse.Namespace) -> int:
 
 
 def cmd_variants_list(a: argparse.Namespace) -> int:
-    from loom.family import load_family
+    from loom.model.family import load_family
 
     _print_variants(load_family(a.family))
     return 0
@@ -65,8 +65,8 @@ def _print_variants(fam) -> None:  # noqa: ANN001
 
 
 def cmd_partition(a: argparse.Namespace) -> int:
-    from loom.family import load_family
-    from loom.partition import align, partition_family
+    from loom.model.family import load_family
+    from loom.model.partition import align, partition_family
 
     fam = load_family(a.family)
     if a.candidates:
@@ -91,8 +91,8 @@ def cmd_partition(a: argparse.Namespace) -> int:
 def cmd_stitch(a: argparse.Namespace) -> int:
     import onnx
 
-    from loom.partition import load_partition
-    from loom.stitch import evaluate_config, merge_config
+    from loom.model.partition import load_partition
+    from loom.model.stitch import evaluate_config, merge_config
 
     p = load_partition(a.partition)
     config = [v.strip() for v in a.config.split(",")]
@@ -116,21 +116,21 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from loom.demo import run_demo
+    from loom.app.demo import run_demo
 
     run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, repeats=a.repeats, seed=a.seed)
     return 0
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
-    from loom.device import load_device_profile
-    from loom.family import load_family
-    from loom.paths import default_zoo, zoo_tasks
-    from loom.profile import ensure_partitions, format_summary, profile_device, summarize
+    from loom.core.paths import default_zoo, zoo_tasks
+    from loom.model.family import load_family
+    from loom.processors.device import load_device_profile
+    from loom.profiling.profile import ensure_partitions, format_summary, profile_device, summarize
 
     device = load_device_profile(a.device)
     if a.partition:  # partitions made before (on another machine, for --remote): no family is re-cut
-        from loom.partition import load_partition
+        from loom.model.partition import load_partition
 
         partitions = [load_partition(p) for p in a.partition]
     else:
@@ -142,7 +142,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         partitions = ensure_partitions(families, a.partitions, k=a.k)
     out = Path(a.out) if a.out else Path("profiles/data") / device.name
     if a.remote:
-        from loom.remote import remote_profile
+        from loom.profiling.remote import remote_profile
 
         data = remote_profile(partitions, a.device, out, a.remote, python=a.remote_python, warmup=a.warmup,
                               repeats=a.repeats, config_samples=a.config_samples, seed=a.seed,
@@ -158,8 +158,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
 
 def _families(a: argparse.Namespace) -> list:
-    from loom.family import load_family
-    from loom.paths import default_zoo, zoo_tasks
+    from loom.core.paths import default_zoo, zoo_tasks
+    from loom.model.family import load_family
 
     if getattr(a, "family", None):
         return [load_family(f) for f in a.family]
@@ -168,9 +168,9 @@ def _families(a: argparse.Namespace) -> list:
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from loom.device import load_device_profile
-    from loom.estimate import fit_estimates
-    from loom.profile import ensure_partitions, load_profile_dataset
+    from loom.processors.device import load_device_profile
+    from loom.profiling.fitting import fit_estimates
+    from loom.profiling.profile import ensure_partitions, load_profile_dataset
 
     device = load_device_profile(a.device)
     data = load_profile_dataset(a.data or Path("profiles/data") / device.name)
@@ -187,7 +187,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from loom.estimate import Estimates
+    from loom.profiling.fitting import Estimates
 
     est = Estimates.load(a.estimates)
     results = []
@@ -211,7 +211,7 @@ DEFAULT_SLO_CONFIG = "configs/serve.yaml"
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from loom.serve import describe_plans
+    from loom.app.serve import describe_plans
 
     out = describe_plans(a.config, policy=a.policy, limit=a.limit)
     if a.json:
@@ -228,7 +228,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from loom.serve import format_rows, serve
+    from loom.app.serve import format_rows, serve
 
     report = serve(a.config, out_dir=a.out, policy=a.policy, duration_s=a.duration)
     print(format_rows([report["result"]]))
@@ -241,8 +241,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from loom.config import POLICIES
-    from loom.serve import bench, format_rows
+    from loom.app.config import POLICIES
+    from loom.app.serve import bench, format_rows
 
     report = bench(a.config, out_dir=a.out, policies=a.policy or list(POLICIES), duration_s=a.duration,
                    simulate=a.simulate, device=a.device, load=a.load)

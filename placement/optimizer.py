@@ -49,7 +49,7 @@ Three questions, three functions:
     ignored).
 
 The optimizer reads only ``TaskSpace`` numbers; it imports ``estimators`` (through
-``placement.plan``) and ``loom.errors``, nothing of the runtime.
+``placement.plan``) and ``loom.core.errors``, nothing of the runtime.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from estimators.latency import Link, LinkModel
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 from placement.plan import Config, Placement, Plan, TaskSpace
 
 __all__ = [

@@ -62,7 +62,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 
 # Finish times are sums of floats; a deadline met "exactly" must not flip on rounding.
 _EPS_S = 1e-9

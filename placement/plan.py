@@ -4,7 +4,7 @@
 each variant has in each slot, every block's (predicted or measured) latency on every
 processor that can run it, the bytes each block hands on, its resident memory, the
 links between processors, and the (predicted) accuracy of any config. Building one
-from estimators or a profile dataset is the face's job (``loom.estimate``); the
+from estimators or a profile dataset is the face's job (``loom.profiling.fitting``); the
 optimizer, the policies and the simulator read only this.
 
 ``Plan``: a config (one variant per slot) and a placement (one processor per slot),

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends import get_backend  # noqa: E402
 from backends.base import Backend  # noqa: E402
-from loom.family import load_family  # noqa: E402
-from loom.measure import time_call  # noqa: E402
-from loom.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.model.family import load_family  # noqa: E402
+from loom.profiling.measure import time_call  # noqa: E402
 
 DEFAULT_VARIANTS = ["dense", "structured-50", "int8"]
 BACKENDS = ["onnxruntime", "openvino", "tvm", "tvm-sampled"]

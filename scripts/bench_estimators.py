@@ -45,8 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from estimators.accuracy import config_features  # noqa: E402
 from estimators.latency import LatencyEstimator, LinkModel, latency_table, plan_latency  # noqa: E402
 from estimators.sampling import active_sample, random_sample, stratified_sample  # noqa: E402
-from loom.device import load_device_profile  # noqa: E402
-from loom.estimate import (  # noqa: E402
+from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.core.progress import say  # noqa: E402
+from loom.model.family import load_family  # noqa: E402
+from loom.model.partition import Partition  # noqa: E402
+from loom.model.stitch import evaluate_configs  # noqa: E402
+from loom.processors.device import load_device_profile  # noqa: E402
+from loom.profiling.fitting import (  # noqa: E402
     AccuracySample,
     accuracy_budget,
     compatibility,
@@ -56,18 +61,13 @@ from loom.estimate import (  # noqa: E402
     processor_rows,
     sample_accuracy,
 )
-from loom.family import load_family  # noqa: E402
-from loom.partition import Partition  # noqa: E402
-from loom.paths import default_zoo, zoo_tasks  # noqa: E402
-from loom.profile import (  # noqa: E402
+from loom.profiling.profile import (  # noqa: E402
     calibrate_links,
     ensure_partitions,
     measure_placed_configs,
     partition_ref,
     profile_device,
 )
-from loom.progress import say  # noqa: E402
-from loom.stitch import evaluate_configs  # noqa: E402
 
 Config = tuple[str, ...]
 

@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loom.config import POLICIES, SloConfig  # noqa: E402
-from loom.metrics import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
-from loom.progress import say  # noqa: E402
-from loom.serve import Deployment, RunResult, run_trace, scenario, slos_of, static_capacity  # noqa: E402
+from loom.app.config import POLICIES, SloConfig  # noqa: E402
+from loom.app.serve import Deployment, RunResult, run_trace, scenario, slos_of, static_capacity  # noqa: E402
+from loom.core.progress import say  # noqa: E402
+from loom.serving.metrics import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
 from placement.optimizer import fluid_goodput_bound  # noqa: E402
 
 

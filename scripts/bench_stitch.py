@@ -30,14 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends import get_backend  # noqa: E402
-from loom.family import load_family  # noqa: E402
-from loom.measure import time_call  # noqa: E402
-from loom.onnxutil import load_model  # noqa: E402
-from loom.partition import partition_family  # noqa: E402
-from loom.paths import default_zoo, zoo_tasks  # noqa: E402
-from loom.progress import Progress  # noqa: E402
-from loom.runref import session  # noqa: E402
-from loom.stitch import StitchedModel, merge_config  # noqa: E402
+from loom.core.onnxutil import load_model  # noqa: E402
+from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.core.progress import Progress  # noqa: E402
+from loom.core.runref import session  # noqa: E402
+from loom.model.family import load_family  # noqa: E402
+from loom.model.partition import partition_family  # noqa: E402
+from loom.model.stitch import StitchedModel, merge_config  # noqa: E402
+from loom.profiling.measure import time_call  # noqa: E402
 
 DEFAULT_VARIANTS = ["dense", "unstructured-80", "structured-50", "int8", "fp16"]
 

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loom.family import load_family  # noqa: E402
-from loom.onnxutil import load_model, save_model  # noqa: E402
-from loom.variants import add_variant, init_family, make_variants, prune_structured  # noqa: E402
+from loom.core.onnxutil import load_model, save_model  # noqa: E402
+from loom.model.family import load_family  # noqa: E402
+from loom.model.variants import add_variant, init_family, make_variants, prune_structured  # noqa: E402
 
 DESCRIPTIONS = {
     "image-cls": "ResNet-style CNN on scikit-learn's digits (8x8 scans of handwritten digits, upsampled to 32x32)",

@@ -21,7 +21,7 @@ def synth_family(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def synth_partition(synth_family, tmp_path_factory: pytest.TempPathFactory):
-    from loom.partition import partition_family
+    from loom.model.partition import partition_family
 
     return partition_family(synth_family, tmp_path_factory.mktemp("synthetic-part"), k=3)
 

@@ -70,7 +70,7 @@ def write_family_data(folder: Path, model: onnx.ModelProto, *, n: int = 96, seed
 
 def synthetic_family(folder: Path, *, variants: bool = True):  # noqa: ANN201
     """A family of the residual CNN with dense, 50% unstructured, 25% structured, int8, fp16."""
-    from loom.variants import init_family, make_variants
+    from loom.model.variants import init_family, make_variants
 
     model = residual_cnn()
     write_family_data(folder, model)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import backends
 from backends.base import Backend, LoadedBlock
-from loom.errors import (
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,
@@ -302,7 +302,7 @@ def test_openvino_plugin_crash_is_reported_as_an_unsupported_op(ov):
     """OpenVINO 2026.4's CPU plugin crashes (MultiplyPartialTransformation) while querying the
     zoo's int8 transformer: the block is refused naming the op, not a crash in the caller.
     If a later OpenVINO takes the model, the list is simply empty."""
-    from loom.onnxutil import load_model
+    from loom.core.onnxutil import load_model
 
     model = load_model(Path(__file__).resolve().parent.parent / "zoo" / "seq-cls" / "int8.onnx")
     bad = ov.unsupported_ops(model)
@@ -325,11 +325,11 @@ def test_openvino_options_are_checked(ov):
 
 
 def test_missing_openvino_says_what_to_install(monkeypatch):
-    import loom.compat
+    import loom.core.compat
     from backends.openvino import OpenVinoBackend
 
-    real = loom.compat.is_installed
-    monkeypatch.setattr(loom.compat, "is_installed", lambda m: m != "openvino" and real(m))
+    real = loom.core.compat.is_installed
+    monkeypatch.setattr(loom.core.compat, "is_installed", lambda m: m != "openvino" and real(m))
     with pytest.raises(MissingDependencyError, match="pip install") as info:
         OpenVinoBackend()
     assert isinstance(info.value, ImportError)

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from loom.blockstore import BlockStore, file_sha256
-from loom.errors import BlockIntegrityError, LoomError, ManifestError
-from loom.partition import load_partition, partition_family
+from loom.core.errors import BlockIntegrityError, LoomError, ManifestError
+from loom.model.blockstore import BlockStore, file_sha256
+from loom.model.partition import load_partition, partition_family
 
 CONFIG = ["dense", "int8", "fp16"]
 
@@ -148,7 +148,7 @@ def test_readd_remove_and_prune(synth_partition, tmp_path):
 
 
 def test_store_partition_view_runs_like_the_partition(synth_family, synth_partition, tmp_path):
-    from loom.stitch import StitchedModel
+    from loom.model.stitch import StitchedModel
 
     store = BlockStore(tmp_path / "store")
     store.add_partition(synth_partition, task="img", link=False)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from loom.arrivals import TraceItem, arrival_times, make_trace, mean_rate_rps
-from loom.config import (
+from loom.app.arrivals import TraceItem, arrival_times, make_trace, mean_rate_rps
+from loom.app.config import (
     POLICIES,
     BurstyArrival,
     PeriodicArrival,
@@ -19,7 +19,7 @@ from loom.config import (
     load_slo_config,
     parse_slo_config,
 )
-from loom.errors import ConfigError, LoomError
+from loom.core.errors import ConfigError, LoomError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "serve.yaml"

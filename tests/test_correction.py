@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from loom.correction import LatencyCorrector
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
+from loom.serving.correction import LatencyCorrector
 
 
 def test_no_observation_no_change() -> None:

@@ -12,9 +12,9 @@ import yaml
 
 import backends
 from backends.base import Backend
-from loom.device import DeviceProfile, load_device_profile, parse_device_profile
-from loom.errors import BackendError, BackendUnavailableError, ConfigError
-from loom.workers import PlacedChain, Worker, WorkerPool
+from loom.core.errors import BackendError, BackendUnavailableError, ConfigError
+from loom.processors.device import DeviceProfile, load_device_profile, parse_device_profile
+from loom.processors.workers import PlacedChain, Worker, WorkerPool
 
 NCPU = os.cpu_count() or 1
 #: a second core where the machine has one, so two processors really differ
@@ -54,7 +54,7 @@ def test_host_profile_loads():
 
 
 def test_name_or_path(tmp_path):
-    from loom.paths import REPO_ROOT
+    from loom.core.paths import REPO_ROOT
 
     by_path = load_device_profile(REPO_ROOT / "profiles" / "host.yaml")
     assert by_path == load_device_profile("host")
@@ -215,7 +215,7 @@ def two_ort_device() -> DeviceProfile:
 
 
 def test_placed_chain_matches_stitched_model(synth_partition, synth_family):
-    from loom.stitch import StitchedModel
+    from loom.model.stitch import StitchedModel
 
     config = ("int8", "dense", "structured-25-pt")
     x, _ = synth_family.eval_data(4)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loom.device import PEAK_PRECISIONS, load_device_profile, parse_device_profile
-from loom.errors import ConfigError
-from loom.paths import REPO_ROOT
+from loom.core.errors import ConfigError
+from loom.core.paths import REPO_ROOT
+from loom.processors.device import PEAK_PRECISIONS, load_device_profile, parse_device_profile
 
 PROFILES = sorted((REPO_ROOT / "profiles").glob("*.yaml"))
 SHIPPED = ["host", "jetson-agx-orin", "jetson-orin-nano", "snapdragon-8gen3", "intel-core-ultra"]
@@ -142,7 +142,7 @@ def test_characteristics_are_optional_and_feed_the_estimator_options(tmp_path):
 def test_characteristics_are_not_part_of_the_fingerprint():
     """Datasheet figures are not settings of anything measured: editing them must not
     invalidate a profile dataset."""
-    from loom.profile import fingerprint_id, hardware_fingerprint
+    from loom.profiling.profile import fingerprint_id, hardware_fingerprint
 
     a = parse_device_profile(_with({"peak_gops": {"fp16": 1}}), source="a")
     b = parse_device_profile(_with({"peak_gops": {"fp16": 2}}), source="b")

@@ -1,4 +1,4 @@
-"""``loom.estimate``: estimators fitted from a real profile dataset and measured configs; `loom fit`/`loom predict`."""
+"""``loom.profiling.fitting``: estimators fitted from a real profile dataset and measured configs; `loom fit`/`loom predict`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_profile import FAST, device_yaml
 
-from loom.device import load_device_profile
-from loom.errors import ConfigError
-from loom.estimate import (
+from loom.core.errors import ConfigError
+from loom.processors.device import load_device_profile
+from loom.profiling.fitting import (
     Estimates,
     EstimatesError,
     accuracy_budget,
@@ -20,7 +20,7 @@ from loom.estimate import (
     latency_rows,
     sample_accuracy,
 )
-from loom.profile import load_profile_dataset, profile_device
+from loom.profiling.profile import load_profile_dataset, profile_device
 
 
 @pytest.fixture(scope="module")

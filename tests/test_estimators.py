@@ -37,7 +37,7 @@ from estimators.persist import (
     save_estimator,
 )
 from estimators.sampling import active_sample, config_space, random_sample, stratified_sample
-from loom.errors import ConfigError, NotFittedError
+from loom.core.errors import ConfigError, NotFittedError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCS = {
@@ -407,7 +407,7 @@ def test_layering_estimators_do_not_import_the_face():
     code = (
         "import sys, estimators.features, estimators.latency, estimators.accuracy, "
         "estimators.sampling, estimators.persist\n"
-        "bad = [m for m in ('loom.partition', 'loom.stitch', 'loom.api', 'loom.cli', 'loom.demo', 'xgboost')"
+        "bad = [m for m in ('loom.model.partition', 'loom.model.stitch', 'loom.api', 'loom.cli', 'loom.app.demo', 'xgboost')"
         " if m in sys.modules]\n"
         "print(','.join(bad))"
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loom.errors import LoomError, ManifestError
-from loom.family import load_family
+from loom.core.errors import LoomError, ManifestError
+from loom.model.family import load_family
 
 
 def _copy(family, tmp_path: Path) -> Path:

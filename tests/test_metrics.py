@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from loom.errors import LoomError
-from loom.metrics import (
+from loom.core.errors import LoomError
+from loom.serving.metrics import (
     MetricsCollector,
     RequestRecord,
     RssSampler,

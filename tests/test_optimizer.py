@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from estimators.latency import Link, LinkModel
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 from placement.optimizer import (
     assign,
     brute_force_pareto,

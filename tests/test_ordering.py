@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 from placement.ordering import (
     Instance,
     Job,

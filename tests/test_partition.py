@@ -10,11 +10,11 @@ import pytest
 import yaml
 from synth import residual_cnn
 
-from loom.cuts import GraphIndex, candidate_cuts
-from loom.errors import AlignmentError, LoomError
-from loom.family import load_family
-from loom.onnxutil import save_model
-from loom.partition import (
+from loom.core.errors import AlignmentError, LoomError
+from loom.core.onnxutil import save_model
+from loom.model.cuts import GraphIndex, candidate_cuts
+from loom.model.family import load_family
+from loom.model.partition import (
     CutTolerance,
     align,
     choose_cuts,
@@ -22,7 +22,7 @@ from loom.partition import (
     meaning_problem,
     partition_family,
 )
-from loom.variants import add_variant
+from loom.model.variants import add_variant
 
 
 def test_single_tensor_cuts_of_a_residual_cnn():

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from estimators.latency import Link, LinkModel
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 from placement.optimizer import brute_force_pareto
 from placement.plan import Plan, TaskSpace
 from placement.policies import POLICY_NAMES, get_policy

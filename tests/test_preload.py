@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from backends.null import NullBackend
-from loom.preload import HotnessTracker, Preloader, plan_keys, replaceability
-from loom.runtime import Runtime, TaskBinding
-from loom.scheduler import Scheduler
+from loom.serving.preload import HotnessTracker, Preloader, plan_keys, replaceability
+from loom.serving.runtime import Runtime, TaskBinding
+from loom.serving.scheduler import Scheduler
 from placement.plan import Plan
 from tests.test_runtime import make_plan, task_blocks, x
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-import loom.profile as prof
-from loom.device import load_device_profile
-from loom.errors import ProfileMismatchError
-from loom.profile import (
+import loom.profiling.profile as prof
+from loom.core.errors import ProfileMismatchError
+from loom.processors.device import load_device_profile
+from loom.profiling.profile import (
     BLOCK_COLUMNS,
     CONFIG_COLUMNS,
     ProfileDataError,

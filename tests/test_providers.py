@@ -21,8 +21,8 @@ from backends.ort import (
     provider_problems,
     resolve_provider_name,
 )
-from loom.device import parse_device_profile
-from loom.errors import BackendUnavailableError, ConfigError
+from loom.core.errors import BackendUnavailableError, ConfigError
+from loom.processors.device import parse_device_profile
 
 AVAILABLE = onnxruntime.get_available_providers()
 NO_CUDA = "CUDAExecutionProvider" not in AVAILABLE

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loom.errors import ConfigError, RemoteError
-from loom.family import load_family
-from loom.partition import PARTITION_FILE, load_partition
-from loom.profile import load_profile_dataset, partition_ref
-from loom.remote import (
+from loom.core.errors import ConfigError, RemoteError
+from loom.model.family import load_family
+from loom.model.partition import PARTITION_FILE, load_partition
+from loom.profiling.profile import load_profile_dataset, partition_ref
+from loom.profiling.remote import (
     JOB,
     PLACEHOLDER,
     AdbTransport,

@@ -19,10 +19,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.null import NullBackend
-from loom.correction import LatencyCorrector
-from loom.errors import BackendError, ConfigError, RuntimeClosedError, SloUnservableError
-from loom.metrics import RequestRecord
-from loom.runtime import Runtime, TaskBinding, _EdfWorker
+from loom.core.errors import BackendError, ConfigError, RuntimeClosedError, SloUnservableError
+from loom.serving.correction import LatencyCorrector
+from loom.serving.metrics import RequestRecord
+from loom.serving.runtime import Runtime, TaskBinding, _EdfWorker
 from placement.plan import Plan
 
 WIDTH = 4
@@ -435,7 +435,7 @@ def test_worker_runs_earliest_deadline_first() -> None:
 
 
 def test_from_a_device_profile(tmp_path: Path) -> None:
-    from loom.device import parse_device_profile
+    from loom.processors.device import parse_device_profile
 
     device = parse_device_profile(
         {

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from loom.correction import LatencyCorrector
-from loom.errors import ConfigError
-from loom.scheduler import Scheduler, dispatch_ms
+from loom.core.errors import ConfigError
+from loom.serving.correction import LatencyCorrector
+from loom.serving.scheduler import Scheduler, dispatch_ms
 from placement.plan import Plan
 
 
@@ -265,7 +265,7 @@ def test_a_mix_falls_back_to_any_on_time_plan_and_rejects_when_none_is() -> None
 
 
 def test_wake_up_tail_is_tracked_and_delays_an_idle_processor_only_when_asked() -> None:
-    from loom.correction import LatencyCorrector
+    from loom.serving.correction import LatencyCorrector
 
     s = Scheduler(["a", "b"], corrector=LatencyCorrector())
     for i in range(400):  # 4 in 5 wake-ups are quick, 1 in 5 waits 4 ms: the p90 is 4 ms

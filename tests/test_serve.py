@@ -13,12 +13,12 @@ import pytest
 import yaml
 from test_profile import FAST, device_yaml
 
-from loom.config import POLICIES, load_slo_config
-from loom.device import load_device_profile
-from loom.errors import ConfigError
-from loom.estimate import fit_estimates
-from loom.profile import profile_device
-from loom.serve import Deployment, bench, describe_plans, run_trace, serve, task_space
+from loom.app.config import POLICIES, load_slo_config
+from loom.app.serve import Deployment, bench, describe_plans, run_trace, serve, task_space
+from loom.core.errors import ConfigError
+from loom.processors.device import load_device_profile
+from loom.profiling.fitting import fit_estimates
+from loom.profiling.profile import profile_device
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_blocks_are_served_from_the_store_and_a_tampered_one_is_refused(setup, s
                                                                          tmp_path):
     import shutil
 
-    from loom.errors import BlockIntegrityError
+    from loom.core.errors import BlockIntegrityError
 
     root, dev_path, _est = setup
     parts = tmp_path / "partitions"

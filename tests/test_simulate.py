@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from test_serve import setup, write_config  # noqa: F401  (setup is a fixture)
 
-from loom.arrivals import TraceItem, make_trace
-from loom.config import POLICIES
-from loom.correction import LatencyCorrector
-from loom.device import load_device_profile
-from loom.errors import ConfigError
-from loom.profile import load_profile_dataset
-from loom.runtime import TaskBinding
-from loom.serve import Deployment, bench
-from loom.simulate import LatencyModel, SimRuntime, Slowdown, on_device, roofline_ms, simulate
+from loom.app.arrivals import TraceItem, make_trace
+from loom.app.config import POLICIES
+from loom.app.serve import Deployment, bench
+from loom.app.simulate import LatencyModel, SimRuntime, Slowdown, on_device, roofline_ms, simulate
+from loom.core.errors import ConfigError
+from loom.processors.device import load_device_profile
+from loom.profiling.profile import load_profile_dataset
+from loom.serving.correction import LatencyCorrector
+from loom.serving.runtime import TaskBinding
 from placement.plan import Plan
 
 
@@ -176,8 +176,8 @@ def test_roofline_is_slower_for_more_work_and_refuses_missing_precisions():
 
 
 def test_host_overhead_is_measured_only_where_the_processor_was_idle():
-    from loom.metrics import RequestRecord
-    from loom.simulate import HostOverhead
+    from loom.app.simulate import HostOverhead
+    from loom.serving.metrics import RequestRecord
 
     def rec(i: int, arrival: float, spans: list) -> RequestRecord:
         return RequestRecord(id=i, task="a", policy="x", arrival_s=arrival, start_s=spans[0][2], end_s=spans[-1][3],

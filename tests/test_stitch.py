@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from backends import get_backend
-from loom.errors import ManifestError
-from loom.onnxutil import load_model
-from loom.runref import run_batched, session
-from loom.stitch import StitchedModel, evaluate_config, evaluate_configs, merge_config
+from loom.core.errors import ManifestError
+from loom.core.onnxutil import load_model
+from loom.core.runref import run_batched, session
+from loom.model.stitch import StitchedModel, evaluate_config, evaluate_configs, merge_config
 
 MIXED = [
     ("dense", "unstructured-50-pt", "structured-25-pt"),

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from loom.blockstore import BlockStore
-from loom.errors import ManifestError
-from loom.switching import (
+from loom.core.errors import ManifestError
+from loom.model.blockstore import BlockStore
+from loom.model.switching import (
     Switcher,
     cost_as_dict,
     drop_page_cache,

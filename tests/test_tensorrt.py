@@ -50,8 +50,7 @@ from backends.tensorrt import (
     input_profile,
     quantization_problems,
 )
-from loom.device import parse_device_profile
-from loom.errors import (
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,
@@ -59,6 +58,7 @@ from loom.errors import (
     ModelError,
     UnsupportedOpsError,
 )
+from loom.processors.device import parse_device_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,10 +98,10 @@ def qdq_model(zero_point_type: int = TensorProto.INT8, zero: int = 0) -> onnx.Mo
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     """Make tensorrt look uninstalled, whether or not this machine has it."""
-    import loom.compat
+    import loom.core.compat
 
-    real = loom.compat.is_installed
-    monkeypatch.setattr(loom.compat, "is_installed", lambda m: m != "tensorrt" and real(m))
+    real = loom.core.compat.is_installed
+    monkeypatch.setattr(loom.core.compat, "is_installed", lambda m: m != "tensorrt" and real(m))
 
 
 # --- options, without TensorRT ---------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_importing_the_module_imports_no_engine():
 
 
 def test_no_cuda_binding_is_a_missing_dependency(monkeypatch):
-    import loom.compat
+    import loom.core.compat
 
     trt_backend._detect_cuda.cache_clear()
     real_import = __import__
@@ -215,7 +215,7 @@ def test_no_cuda_binding_is_a_missing_dependency(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr("builtins.__import__", fake_import)
-    monkeypatch.setattr(loom.compat, "is_installed", lambda m: False)
+    monkeypatch.setattr(loom.core.compat, "is_installed", lambda m: False)
     try:
         with pytest.raises(MissingDependencyError, match="pip install cuda-python"):
             trt_backend.cuda_api()

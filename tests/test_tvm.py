@@ -26,7 +26,7 @@ from test_backends import dense_relu, make_model, reference, small_cnn
 
 import backends
 from backends.base import Backend
-from loom.errors import (
+from loom.core.errors import (
     BackendError,
     BackendUnavailableError,
     ConfigError,
@@ -131,11 +131,11 @@ def test_tvm_is_registered_and_importing_it_imports_no_tvm():
 
 
 def test_missing_tvm_says_what_to_install(monkeypatch):
-    import loom.compat
+    import loom.core.compat
     from backends.tvm import TvmBackend
 
-    real = loom.compat.is_installed
-    monkeypatch.setattr(loom.compat, "is_installed", lambda m: m != "tvm" and real(m))
+    real = loom.core.compat.is_installed
+    monkeypatch.setattr(loom.core.compat, "is_installed", lambda m: m != "tvm" and real(m))
     with pytest.raises(MissingDependencyError, match="pip install") as info:
         TvmBackend()
     assert isinstance(info.value, ImportError)

@@ -9,9 +9,9 @@ import pytest
 from onnx import numpy_helper
 from synth import residual_cnn
 
-from loom.errors import ModelError
-from loom.onnxutil import infer_shapes, load_model
-from loom.variants import (
+from loom.core.errors import ModelError
+from loom.core.onnxutil import infer_shapes, load_model
+from loom.model.variants import (
     channel_groups,
     convert_fp16,
     preserved_tensors,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import ZOO, zoo_tasks
 
-from loom.family import load_family
-from loom.partition import partition_family
-from loom.runref import run_batched, session
-from loom.stitch import StitchedModel, evaluate_configs, merge_config
-from loom.variants import measure_accuracy
+from loom.core.runref import run_batched, session
+from loom.model.family import load_family
+from loom.model.partition import partition_family
+from loom.model.stitch import StitchedModel, evaluate_configs, merge_config
+from loom.model.variants import measure_accuracy
 
 TASKS = zoo_tasks()
 pytestmark = pytest.mark.skipif(not TASKS, reason="the zoo is not built (scripts/build_zoo.py)")

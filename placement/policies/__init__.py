@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from placement.policies.base import Policy

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from loom.errors import ConfigError
+from loom.core.errors import ConfigError
 from placement.optimizer import fastest_plans, pareto_plans
 from placement.plan import Config, Plan, TaskSpace
 

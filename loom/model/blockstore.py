@@ -1,0 +1,398 @@
+"""The block store: every block of every task on disk once, addressed by its content.
+
+A partition already writes each of its blocks once (identical blocks of two variants
+are one file), but two tasks, or two partitions of one family, each keep their own
+copy. The store holds blocks of any number of partitions under one root::
+
+    <root>/blocks/<id>.onnx     one file per distinct content
+    <root>/index.json           block -> its file, sha256, size, users; task -> variants
+
+A block's ``id`` is the partition's 20-hex id (a prefix of the sha256 of the block's
+deterministic serialization: ``loom.model.partition.block_hash``). The store also records
+the full sha256 of the file's bytes; that, not the id, decides whether two blocks are
+the same. Two ids with the same content (possible in principle: the id hashes the
+serialization, the store the file) become one block, the second id an alias of the
+first. Every (task, variant, slot) that uses a block is recorded as one of its users,
+so the blocks of a config are computable (``blocks_of``) and so are the blocks shared
+between variants or tasks (``shared_blocks``), which a switch never has to reload.
+
+Integrity: ``path`` hashes a block's file the first time it is asked for it in this
+process and raises ``BlockIntegrityError`` on a mismatch; verified ids are cached, so
+the cost (a read of the file) is paid once, not on every load.
+
+One process writes a store at a time (no file locking); threads of that process may
+share a ``BlockStore``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loom.core.errors import BlockIntegrityError, ManifestError
+from loom.model.partition import BlockInfo, Partition, block_hash
+
+INDEX_FILE = "index.json"
+BLOCKS_DIR = "blocks"
+INDEX_FORMAT = 1
+
+#: (task, variant, slot): one use of a block
+User = tuple[str, str, int]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks (blocks can be hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class StoredBlock:
+    """One distinct block in the store (``users``: every (task, variant, slot) using it)."""
+
+    id: str
+    sha256: str
+    file: str
+    size_bytes: int
+    slot: int
+    inputs: list[str]
+    outputs: list[str]
+    macs: int
+    precision: str
+    users: list[User]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "file": self.file,
+            "size_bytes": self.size_bytes,
+            "slot": self.slot,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "macs": self.macs,
+            "precision": self.precision,
+            "users": [list(u) for u in self.users],
+        }
+
+    @classmethod
+    def from_json(cls, block_id: str, data: dict[str, Any]) -> StoredBlock:
+        return cls(
+            id=block_id,
+            sha256=data["sha256"],
+            file=data["file"],
+            size_bytes=int(data["size_bytes"]),
+            slot=int(data["slot"]),
+            inputs=list(data["inputs"]),
+            outputs=list(data["outputs"]),
+            macs=int(data["macs"]),
+            precision=data["precision"],
+            users=[(str(t), str(v), int(s)) for t, v, s in data["users"]],
+        )
+
+
+class BlockStore:
+    """Blocks of many partitions, each distinct content stored and verified once."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
+        self.blocks: dict[str, StoredBlock] = {}
+        #: another id of the same content -> the id it is stored under
+        self.aliases: dict[str, str] = {}
+        #: task -> {"k", "cuts", "family", "variants": {variant: [block ids]}}
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self._verified: set[str] = set()
+        self._lock = threading.RLock()
+        if self.index_path.is_file():
+            self._load_index()
+
+    # -- index ---------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    def _load_index(self) -> None:
+        try:
+            data = json.loads(self.index_path.read_text())
+            if data.get("format") != INDEX_FORMAT:
+                raise ManifestError(
+                    f"{self.index_path}: block store index format {data.get('format')!r}, "
+                    f"this sparseloom reads {INDEX_FORMAT}"
+                )
+            self.blocks = {bid: StoredBlock.from_json(bid, b) for bid, b in data["blocks"].items()}
+            self.aliases = dict(data.get("aliases", {}))
+            self.tasks = dict(data["tasks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"{self.index_path}: malformed block store index: {exc}") from exc
+
+    def save(self) -> Path:
+        """Write the index (atomically: a crash mid-write leaves the previous index)."""
+        with self._lock:
+            data = {
+                "format": INDEX_FORMAT,
+                "blocks": {bid: b.to_json() for bid, b in sorted(self.blocks.items())},
+                "aliases": dict(sorted(self.aliases.items())),
+                "tasks": self.tasks,
+            }
+            tmp = self.index_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.index_path)
+            return self.index_path
+
+    # -- adding ----------------------------------------------------------------------------
+    def add_partition(self, partition: Partition, *, task: str | None = None, link: bool = True) -> int:
+        """Add every block of ``partition`` under ``task`` (default: the partition's task).
+
+        New contents are hard-linked into the store (copied where a link is impossible,
+        e.g. across file systems; ``link=False`` always copies: a hard link shares the
+        partition's file, so an edit there is an edit here, which ``path`` would catch).
+        Adding a task again replaces its users. Returns how many blocks were new.
+        """
+        task = task or partition.task
+        with self._lock:
+            self._drop_users(task)
+            new = 0
+            by_sha = {b.sha256: bid for bid, b in self.blocks.items()}
+            canonical: dict[str, str] = {}  # partition id -> id in the store
+            for pid, info in partition.blocks.items():
+                src = partition.block_path(pid)
+                sha = self._checked_sha(pid, src)
+                bid = by_sha.get(sha)
+                if bid is None and pid in self.blocks:
+                    # same id, other bytes: one id cannot name two contents
+                    raise BlockIntegrityError(
+                        f"block {pid}: {src} (sha256 {sha}) differs from the stored "
+                        f"{self.root / self.blocks[pid].file} (sha256 {self.blocks[pid].sha256})"
+                    )
+                if bid is None:
+                    bid = pid
+                    self._store_file(src, bid, link=link)
+                    self.blocks[bid] = _stored(bid, sha, info, src.stat().st_size)
+                    by_sha[sha] = bid
+                    self._verified.add(bid)  # just hashed it
+                    new += 1
+                elif pid != bid:
+                    self.aliases[pid] = bid
+                canonical[pid] = bid
+            variants = {}
+            for variant, ids in partition.variants.items():
+                variants[variant] = [canonical[i] for i in ids]
+                for slot, bid in enumerate(variants[variant]):
+                    user = (task, variant, slot)
+                    if user not in self.blocks[bid].users:
+                        self.blocks[bid].users.append(user)
+            family = (partition.root / partition.family_path).resolve()
+            self.tasks[task] = {
+                "k": partition.k,
+                "cuts": partition.cuts,
+                "family": os.path.relpath(family, self.root.resolve()),
+                "slot_macs_share": list(partition.slot_macs_share),
+                "variants": variants,
+            }
+            self.save()
+            return new
+
+    def _checked_sha(self, pid: str, src: Path) -> str:
+        """Full sha256 of a partition's block file, refusing a file that is not block ``pid``.
+
+        The partition's id hashes the deterministic serialization, which is normally the
+        file's bytes: then the id is a prefix of the file's sha256 and nothing is parsed.
+        Otherwise the model is parsed and hashed as ``partition_family`` hashed it.
+        """
+        if not src.is_file():
+            raise BlockIntegrityError(f"block {pid}: its file {src} is missing")
+        sha = file_sha256(src)
+        if sha.startswith(pid):
+            return sha
+        import onnx
+
+        try:
+            rehashed = block_hash(onnx.load(str(src), load_external_data=False))
+        except Exception as exc:  # not even an ONNX model
+            raise BlockIntegrityError(f"block {pid}: {src} is not a readable ONNX model: {exc}") from exc
+        if rehashed != pid:
+            raise BlockIntegrityError(f"block {pid}: {src} hashes to {rehashed}, not to its id")
+        return sha
+
+    def _store_file(self, src: Path, bid: str, *, link: bool) -> None:
+        dst = self.root / BLOCKS_DIR / f"{bid}.onnx"
+        if dst.exists():  # left by an earlier, interrupted add: replace, it is unverified
+            dst.unlink()
+        if link:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:  # another file system, or links not allowed: copy
+                pass
+        tmp = dst.with_suffix(".onnx.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def _drop_users(self, task: str) -> None:
+        for b in self.blocks.values():
+            b.users = [u for u in b.users if u[0] != task]
+        self.tasks.pop(task, None)
+
+    def remove_task(self, task: str) -> None:
+        """Forget a task's users (its blocks stay on disk until ``prune``)."""
+        with self._lock:
+            if task not in self.tasks:
+                raise ManifestError(f"{self.index_path}: no task {task!r} (have {sorted(self.tasks)})")
+            self._drop_users(task)
+            self.save()
+
+    def prune(self) -> int:
+        """Delete the blocks no task uses any more; returns how many."""
+        with self._lock:
+            unused = [bid for bid, b in self.blocks.items() if not b.users]
+            for bid in unused:
+                (self.root / self.blocks.pop(bid).file).unlink(missing_ok=True)
+                self._verified.discard(bid)
+            self.aliases = {a: b for a, b in self.aliases.items() if b in self.blocks}
+            self.save()
+            return len(unused)
+
+    # -- reading ---------------------------------------------------------------------------
+    def resolve(self, block_id: str) -> str:
+        """The id a block is stored under (an alias resolved); ``ManifestError`` if unknown."""
+        bid = self.aliases.get(block_id, block_id)
+        if bid not in self.blocks:
+            raise ManifestError(f"{self.index_path}: no block {block_id!r} in the store")
+        return bid
+
+    def has(self, block_id: str) -> bool:
+        """Whether the store holds ``block_id`` (under its own id or as an alias)."""
+        return self.aliases.get(block_id, block_id) in self.blocks
+
+    def block(self, block_id: str) -> StoredBlock:
+        return self.blocks[self.resolve(block_id)]
+
+    def path(self, block_id: str, *, recheck: bool = False) -> Path:
+        """The block's file, its bytes checked against the recorded sha256 on first use.
+
+        ``recheck`` hashes the file again even if it was verified before (a file edited
+        after its first use is not noticed otherwise: the cache trades that for speed).
+        """
+        bid = self.resolve(block_id)
+        b = self.blocks[bid]
+        path = self.root / b.file
+        with self._lock:
+            if bid in self._verified and not recheck:
+                return path
+        if not path.is_file():
+            raise BlockIntegrityError(f"block {bid}: its file {path} is missing")
+        got = file_sha256(path)
+        if got != b.sha256:
+            with self._lock:
+                self._verified.discard(bid)
+            raise BlockIntegrityError(
+                f"block {bid}: {path} has sha256 {got}, the store recorded {b.sha256} "
+                f"(the file was changed or corrupted)"
+            )
+        with self._lock:
+            self._verified.add(bid)
+        return path
+
+    def size(self, block_id: str) -> int:
+        return self.block(block_id).size_bytes
+
+    def users(self, block_id: str) -> list[User]:
+        return list(self.block(block_id).users)
+
+    def task_names(self) -> list[str]:
+        return sorted(self.tasks)
+
+    def _task(self, task: str) -> dict[str, Any]:
+        try:
+            return self.tasks[task]
+        except KeyError:
+            raise ManifestError(f"{self.index_path}: no task {task!r} (have {sorted(self.tasks)})") from None
+
+    def blocks_of(self, task: str, config: Sequence[str]) -> list[str]:
+        """The block ids of a config (one variant name per slot), in slot order."""
+        t = self._task(task)
+        config = list(config)
+        if len(config) != t["k"]:
+            raise ManifestError(f"config {config} has {len(config)} slot(s); task {task!r} has {t['k']}")
+        unknown = sorted({v for v in config if v not in t["variants"]})
+        if unknown:
+            raise ManifestError(
+                f"config {config}: unknown variant(s) {unknown} of task {task!r} (have {sorted(t['variants'])})"
+            )
+        return [t["variants"][v][s] for s, v in enumerate(config)]
+
+    def shared_blocks(self) -> dict[str, list[User]]:
+        """Blocks used by more than one variant or task (a slot of a variant is one use)."""
+        return {
+            bid: list(b.users)
+            for bid, b in sorted(self.blocks.items())
+            if len({(t, v) for t, v, _ in b.users}) > 1
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Blocks, bytes on disk, and bytes saved by storing each content once.
+
+        ``bytes_without_dedup`` counts a block once per (task, variant, slot) using it:
+        what one file per variant per slot would take.
+        """
+        on_disk = sum(b.size_bytes for b in self.blocks.values())
+        without = sum(b.size_bytes * len(b.users) for b in self.blocks.values())
+        return {
+            "tasks": len(self.tasks),
+            "blocks": len(self.blocks),
+            "uses": sum(len(b.users) for b in self.blocks.values()),
+            "shared_blocks": len(self.shared_blocks()),
+            "bytes_on_disk": on_disk,
+            "bytes_without_dedup": without,
+            "bytes_saved": without - on_disk,
+        }
+
+    def partition(self, task: str, *, verify: bool = True) -> Partition:
+        """A ``Partition`` of ``task`` whose block files are the store's.
+
+        So everything that takes a partition (``StitchedModel``, ``merge_config``,
+        profiling) reads blocks from the store. ``verify`` checks every block's hash
+        first, since those readers open ``block_path`` directly and skip ``path``.
+        """
+        t = self._task(task)
+        ids = {bid for ids in t["variants"].values() for bid in ids}
+        if verify:
+            for bid in ids:
+                self.path(bid)
+        blocks: dict[str, BlockInfo] = {}
+        for bid in sorted(ids):
+            b = self.blocks[bid]
+            blocks[bid] = BlockInfo(
+                id=bid, slot=b.slot, file=b.file, inputs=list(b.inputs), outputs=list(b.outputs),
+                macs=b.macs, size_bytes=b.size_bytes, precision=b.precision,
+                variants=sorted({v for tk, v, _ in b.users if tk == task}),
+            )
+        return Partition(
+            task=task,
+            family_path=t["family"],
+            cuts=[list(c) for c in t["cuts"]],
+            variants={v: list(ids) for v, ids in t["variants"].items()},
+            blocks=blocks,
+            root=self.root,
+            slot_macs_share=list(t.get("slot_macs_share", [])),
+        )
+
+
+def _stored(bid: str, sha: str, info: BlockInfo, size: int) -> StoredBlock:
+    return StoredBlock(
+        id=bid, sha256=sha, file=f"{BLOCKS_DIR}/{bid}.onnx", size_bytes=size,
+        slot=info.slot, inputs=list(info.inputs), outputs=list(info.outputs), macs=info.macs,
+        precision=info.precision, users=[],
+    )

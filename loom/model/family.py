@@ -1,0 +1,211 @@
+"""Family manifests: the variants of one base model for one task, plus its data and metric.
+
+A ``family.yaml`` sits beside its ONNX files and ``.npz`` data; paths in it are
+relative to it. ``load_family`` validates the whole file (schema, then files on disk)
+and reports every problem in one ``ManifestError`` that names the file and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from loom.core.errors import ManifestError
+from loom.core.paths import MANIFEST
+from loom.core.schema import Strict, read_yaml, validate
+
+VariantKind = Literal["dense", "unstructured", "structured", "int8", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class TensorSpec(Strict):
+    name: str
+    #: None (or a string) marks a free axis, normally the batch axis
+    shape: list[int | str | None] = Field(default_factory=list)
+    dtype: Literal["float32", "int64", "int32"] = "float32"
+
+
+class Metric(Strict):
+    #: top1: accuracy against real labels. agreement: top-1 agreement with the dense
+    #: variant on real inputs, the honest stand-in where no labels exist offline.
+    name: Literal["top1", "agreement"] = "top1"
+
+
+class DataSpec(Strict):
+    """An ``.npz`` file and the names of its arrays (``y``: labels, absent for calibration)."""
+
+    file: str
+    x: str = "x"
+    y: str | None = None
+
+
+class Variant(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    file: str
+    kind: VariantKind
+    sparsity: float = Field(default=0.0, ge=0.0, le=1.0)
+    precision: Precision = "fp32"
+    made_by: str = ""
+    #: measured on the family's evaluation data with the family's metric
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    size_bytes: int | None = None
+
+    @model_validator(mode="after")
+    def _kind_matches_precision(self) -> Variant:
+        expected = {"int8": "int8", "fp16": "fp16"}.get(self.kind)
+        if expected and self.precision != expected:
+            raise ValueError(f"kind {self.kind!r} needs precision {expected!r}, got {self.precision!r}")
+        return self
+
+
+class Cut(Strict):
+    """Tensors that separate every variant's graph, with the same meaning in each."""
+
+    tensors: list[str] = Field(min_length=1)
+    #: share of the dense variant's MACs computed before this cut
+    macs_before: float | None = None
+
+
+class Manifest(Strict):
+    schema_version: Literal[1] = 1
+    task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str = ""
+    input: TensorSpec
+    output: TensorSpec
+    num_classes: int = Field(gt=1)
+    metric: Metric = Metric()
+    eval_data: DataSpec
+    calib_data: DataSpec
+    variants: list[Variant] = Field(min_length=1)
+    cuts: list[Cut] = Field(default_factory=list)
+
+    @field_validator("eval_data")
+    @classmethod
+    def _labels_for_top1(cls, spec: DataSpec, info: ValidationInfo) -> DataSpec:
+        metric = info.data.get("metric")
+        if metric is not None and metric.name == "top1" and not spec.y:
+            raise ValueError("metric 'top1' needs labels: name the label array in y (or use metric 'agreement')")
+        return spec
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[Variant]) -> list[Variant]:
+        names = [v.name for v in variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {dupes}")
+        return variants
+
+
+class Family:
+    """A loaded, validated manifest plus the folder its paths are relative to."""
+
+    def __init__(self, manifest: Manifest, root: Path) -> None:
+        self.manifest = manifest
+        self.root = Path(root)
+
+    # -- lookups -------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def variants(self) -> list[Variant]:
+        return self.manifest.variants
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.manifest.variants]
+
+    def variant(self, name: str) -> Variant:
+        for v in self.manifest.variants:
+            if v.name == name:
+                return v
+        raise ManifestError(f"{self.path}: no variant named {name!r} (have {self.variant_names})")
+
+    def variant_path(self, name: str) -> Path:
+        return self.root / self.variant(name).file
+
+    def reference_variant(self) -> Variant:
+        """The dense variant: cuts are checked against it."""
+        dense = [v for v in self.variants if v.kind == "dense"]
+        if not dense:
+            raise ManifestError(f"{self.path}: variants: no variant of kind 'dense' to check cuts against")
+        return dense[0]
+
+    def __iter__(self) -> Iterator[Variant]:
+        return iter(self.manifest.variants)
+
+    # -- data ----------------------------------------------------------------------
+    def _load_npz(self, spec: DataSpec, field: str) -> dict[str, np.ndarray]:
+        path = self.root / spec.file
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as exc:
+            raise ManifestError(f"{self.path}: {field}.file: cannot read {path}: {exc}") from exc
+
+    def eval_data(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        spec = self.manifest.eval_data
+        data = self._load_npz(spec, "eval_data")
+        x = data[spec.x][:limit]
+        y = data[spec.y][:limit] if spec.y else None
+        return x, y
+
+    def calib_data(self, limit: int | None = None) -> np.ndarray:
+        spec = self.manifest.calib_data
+        return self._load_npz(spec, "calib_data")[spec.x][:limit]
+
+    # -- writing -------------------------------------------------------------------
+    def save(self) -> Path:
+        data = self.manifest.model_dump(mode="json", exclude_none=True)
+        self.path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+        return self.path
+
+
+def _check_files(manifest: Manifest, root: Path) -> list[str]:
+    """Problems with files on disk, each naming its field (schema already valid)."""
+    problems: list[str] = []
+    for field, spec in (("eval_data", manifest.eval_data), ("calib_data", manifest.calib_data)):
+        path = root / spec.file
+        if not path.is_file():
+            problems.append(f"{field}.file: no such file {spec.file!r} (looked in {root})")
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                keys = set(data.files)
+        except Exception as exc:
+            problems.append(f"{field}.file: {spec.file!r} is not a readable .npz ({exc})")
+            continue
+        for key_field in ("x", "y"):
+            key = getattr(spec, key_field, None)
+            if key and key not in keys:
+                problems.append(f"{field}.{key_field}: {spec.file!r} has no array {key!r} (has {sorted(keys)})")
+    for i, variant in enumerate(manifest.variants):
+        if not (root / variant.file).is_file():
+            problems.append(f"variants[{i}].file: no such file {variant.file!r} (looked in {root})")
+    if not any(v.kind == "dense" for v in manifest.variants):
+        problems.append("variants: no variant of kind 'dense' (cuts are checked against it)")
+    return problems
+
+
+def load_family(path: str | Path) -> Family:
+    """Load ``family.yaml`` (or the folder holding it) and validate all of it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    data = read_yaml(path, ManifestError)
+    manifest = validate(Manifest, data, source=str(path), error=ManifestError)
+    problems = _check_files(manifest, path.parent)
+    if problems:
+        raise ManifestError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return Family(manifest, path.parent)

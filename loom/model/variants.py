@@ -1,0 +1,582 @@
+"""Variants of one dense ONNX model, made without retraining.
+
+- ``prune_unstructured``: per-layer magnitude pruning of Conv/Gemm/MatMul weights.
+- ``prune_structured``: removes whole channels *inside* blocks (a conv's filters and the
+  next conv's matching input channels; a transformer MLP's hidden units), found on the
+  graph: every tensor that leaves such a region keeps its shape, so the cuts survive.
+- ``quantize_int8``: static QDQ quantization (onnxruntime.quantization) with calibration
+  data; the nodes that write the family's cut tensors stay float, so that a cut keeps
+  its name and meaning (PROBE.md: otherwise the quantizer fuses the ReLU across it).
+- ``convert_fp16``: float16 weights and compute, float32 at the graph inputs, outputs
+  and cut tensors.
+
+``make_variants`` adds such variants to a family and records each one's accuracy.
+Post-training pruning at high sparsity collapses accuracy (PROBE.md); the embedded zoo's
+pruned variants are fine-tuned by its builder, this module never trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from loom.core.errors import ManifestError, ModelError
+from loom.core.onnxutil import infer_shapes, load_model, save_model
+from loom.core.runref import run_batched, session, top1_accuracy
+from loom.model.cuts import GraphIndex, candidate_cuts
+from loom.model.family import DataSpec, Family, Manifest, Metric, TensorSpec, Variant, load_family
+
+Progress = Callable[[str], None]
+WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _set_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
+            return
+    raise KeyError(name)
+
+
+# -- unstructured -------------------------------------------------------------------------
+def prunable_weights(model: onnx.ModelProto, *, min_size: int = 256) -> list[str]:
+    """Initializers that are the weight input of a Conv, Gemm or MatMul (and not tiny)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    names: list[str] = []
+    for node in model.graph.node:
+        if node.op_type in WEIGHTED_OPS:
+            for x in node.input[:2]:
+                t = inits.get(x)
+                if t is not None and len(t.dims) >= 2 and int(np.prod(t.dims)) >= min_size and x not in names:
+                    names.append(x)
+    return names
+
+
+def prune_unstructured(model: onnx.ModelProto, sparsity: float, *, exclude: Iterable[str] = ()) -> onnx.ModelProto:
+    """Zero the smallest-magnitude ``sparsity`` share of each prunable weight tensor."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    out = _copy(model)
+    skip = set(exclude)
+    for name in prunable_weights(out):
+        if name in skip:
+            continue
+        w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == name))
+        k = int(round(sparsity * w.size))
+        if k == 0:
+            continue
+        threshold = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
+        pruned = np.where(np.abs(w) <= threshold, 0, w)
+        _set_init(out.graph, name, pruned)
+    return out
+
+
+def weight_sparsity(model: onnx.ModelProto) -> float:
+    """Share of zeros among the prunable weights."""
+    inits = {t.name: t for t in model.graph.initializer}
+    total = zeros = 0
+    for name in prunable_weights(model):
+        w = numpy_helper.to_array(inits[name])
+        total += w.size
+        zeros += int((w == 0).sum())
+    return zeros / total if total else 0.0
+
+
+# -- structured ------------------------------------------------------------------------------
+#: ops that act on each channel independently: a pruned channel stays pruned through them
+CHANNELWISE = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "Elu", "Selu", "Softplus",
+    "HardSigmoid", "HardSwish", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt",
+    "Pow", "BatchNormalization", "PRelu", "MaxPool", "AveragePool", "Dropout",
+}
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that can be removed together: one producer, channelwise ops, weighted sinks."""
+
+    producer: int
+    channels: int
+    axis: int  # channel axis of the tensors in the region
+    region: list[int] = field(default_factory=list)  # channelwise nodes
+    sinks: list[tuple[int, int]] = field(default_factory=list)  # (node, weight axis to slice)
+
+
+def _weight_layout(node: onnx.NodeProto, w: np.ndarray, as_sink: bool) -> int | None:
+    """The axis of weight ``w`` that holds output channels (producer) or input channels (sink)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        if attrs.get("group", 1) != 1:
+            return None
+        return 1 if as_sink else 0
+    if node.op_type == "MatMul":
+        return 0 if as_sink else 1
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0):
+            return None
+        trans_b = attrs.get("transB", 0)
+        if as_sink:
+            return 1 if trans_b else 0
+        return 0 if trans_b else 1
+    return None
+
+
+def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
+    """Every prunable group of the graph (see ``prune_structured``)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    shapes = infer_shapes(model)
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            readers.setdefault(x, []).append(i)
+    outputs = {o.name for o in g.output}
+    # Scalars written by Constant nodes (GELU's 0.5, 1/sqrt(2), 1.0 in torch exports)
+    scalars = {
+        n.output[0] for n in g.node
+        if n.op_type == "Constant" and any(
+            a.name == "value" and int(np.prod(a.t.dims)) == 1 for a in n.attribute
+        )
+    }
+    groups = []
+    for p, node in enumerate(g.node):
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim < 2:
+            continue
+        w_axis = _weight_layout(node, w, as_sink=False)
+        if w_axis is None:
+            continue
+        channels = w.shape[w_axis]
+        rank = len(shapes.get(node.output[0], ([], 0))[0])
+        if rank < 2:
+            continue
+        axis = 1 if node.op_type == "Conv" or (node.op_type == "Gemm") else rank - 1
+        group = ChannelGroup(producer=p, channels=channels, axis=axis)
+        if _grow(group, g, node.output[0], inits, readers, outputs, rank, scalars):
+            groups.append(group)
+    return groups
+
+
+def _per_channel_ok(shape: Sequence[int], channels: int, axis: int, rank: int) -> bool:
+    if int(np.prod(shape)) == 1:
+        return True
+    aligned = [1] * (rank - len(shape)) + list(shape)
+    return len(aligned) == rank and aligned[axis] == channels and int(np.prod(aligned)) == channels
+
+
+def _grow(group, g, start, inits, readers, outputs, rank, scalars) -> bool:  # noqa: ANN001
+    """Collect the channelwise region fed by ``start`` and its weighted sinks; False if not internal.
+
+    First the region is grown forward (through channelwise ops, stopping at weighted
+    ops), then every region node's other inputs are checked: each must be a region
+    tensor, a scalar or a per-channel constant. Checking only after growing matters for
+    GELU, whose final Mul reads two region tensors reached along different paths.
+    """
+    region_tensors = {start}
+    frontier = [start]
+    while frontier:
+        t = frontier.pop()
+        if t in outputs:
+            return False
+        for c in readers.get(t, []):
+            node = g.node[c]
+            if c in group.region or any(s == c for s, _ in group.sinks):
+                continue
+            if node.op_type in WEIGHTED_OPS and node.input[0] == t and len(node.input) > 1 and node.input[1] in inits:
+                w = numpy_helper.to_array(inits[node.input[1]])
+                w_axis = _weight_layout(node, w, as_sink=True)
+                if w_axis is None or w.shape[w_axis] != group.channels or t in node.input[1:]:
+                    return False
+                group.sinks.append((c, w_axis))
+                continue
+            if node.op_type not in CHANNELWISE:
+                return False  # a reshape, a pooling over channels, a concat...: not internal
+            group.region.append(c)
+            region_tensors.add(node.output[0])
+            frontier.append(node.output[0])
+    for c in group.region:
+        node = g.node[c]
+        if node.op_type == "BatchNormalization":
+            if any(x not in inits for x in node.input[1:]):
+                return False
+            continue
+        for x in node.input:
+            if not x or x in region_tensors or x in scalars:
+                continue
+            if x in inits and _per_channel_ok(inits[x].dims, group.channels, group.axis, rank):
+                continue
+            return False  # mixes with a full-width tensor (a residual add): not internal
+    return bool(group.sinks)
+
+
+def prune_structured(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.ModelProto, int]:
+    """Physically remove the lowest-L1 ``sparsity`` share of channels in every internal group.
+
+    A group starts at a Conv/Gemm/MatMul with constant weights, flows through channelwise
+    ops (activations, bias adds, batch norms, pooling) and ends only in other weighted
+    ops. Any tensor that leaves such a region (a block output, a residual add, a graph
+    output, a reshape into heads) disqualifies it, which is what keeps the cuts' shapes.
+    Returns the pruned model and the number of groups pruned.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    out = _copy(model)
+    g = out.graph
+    groups = channel_groups(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    new_inits: dict[str, np.ndarray] = {}
+    for gi, group in enumerate(groups):
+        prod = g.node[group.producer]
+        w = inits[prod.input[1]]
+        w_axis = _weight_layout(prod, w, as_sink=False)
+        score = np.abs(np.moveaxis(w, w_axis, 0)).reshape(group.channels, -1).sum(axis=1)
+        bias_name = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+        if bias_name is not None:
+            score = score + np.abs(inits[bias_name].reshape(-1))
+        keep_n = max(1, int(round(group.channels * (1 - sparsity))))
+        keep = np.sort(np.argsort(-score, kind="stable")[:keep_n])
+
+        def sliced(name: str, axis: int, tag: str, keep: np.ndarray = keep, gi: int = gi) -> str:
+            value = np.take(inits[name], keep, axis=axis)
+            new = f"{name}__{tag}{gi}"
+            new_inits[new] = value
+            return new
+
+        prod.input[1] = sliced(prod.input[1], w_axis, "out")
+        if bias_name is not None:
+            prod.input[2] = sliced(bias_name, 0, "out")
+        rank = 4 if prod.op_type == "Conv" else 2
+        for r in group.region:
+            node = g.node[r]
+            if node.op_type == "BatchNormalization":
+                for j in range(1, len(node.input)):
+                    node.input[j] = sliced(node.input[j], 0, "bn")
+                continue
+            for j, x in enumerate(node.input):
+                if x in inits and int(np.prod(inits[x].shape)) > 1:
+                    shape = inits[x].shape
+                    axis = group.axis - (max(rank, len(shape)) - len(shape)) if prod.op_type == "Conv" else len(shape) - 1
+                    node.input[j] = sliced(x, axis, "ch")
+        for s, axis in group.sinks:
+            g.node[s].input[1] = sliced(g.node[s].input[1], axis, "in")
+    # Rebuild initializers: new slices in, tensors no node reads any more out.
+    read = {x for n in g.node for x in n.input}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in new_inits.items() if k in read)
+    del g.value_info[:]
+    onnx.checker.check_model(out)
+    return out, len(groups)
+
+
+# -- which tensors must survive compression ---------------------------------------------------
+def preserved_tensors(model: onnx.ModelProto, *, max_tensors: int = 2) -> list[str]:
+    """Tensors of the model's candidate cuts that quantization and fp16 must keep float.
+
+    Only the cheapest cuts (fewest tensors) are protected: protecting every two-tensor
+    cut inside residual blocks would keep most activations float and undo int8's gain.
+    """
+    index = GraphIndex.build(model)
+    cands = candidate_cuts(index, max_tensors=max_tensors)
+    if not cands:
+        return []
+    fewest = min(c.produced for c in cands)
+    inputs = {i.name for i in model.graph.input}
+    keep = {t for c in cands if c.produced == fewest for t in c.tensors if t not in inputs}
+    # A tensor read only by an activation whose output is itself kept (conv -> relu,
+    # add -> relu) needs no protection of its own: cut after the activation instead.
+    nodes = model.graph.node
+    redundant = {
+        t for t in keep
+        if (readers := index.readers.get(t, []))
+        and all(nodes[r].op_type in CHANNELWISE and nodes[r].output[0] in keep for r in readers)
+    }
+    return sorted(keep - redundant)
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def _writers(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
+    want = set(tensors)
+    return [n.name for n in model.graph.node if want & set(n.output)]
+
+
+# -- int8 --------------------------------------------------------------------------------------
+def quantize_int8(
+    model: onnx.ModelProto,
+    calib: np.ndarray,
+    *,
+    preserve: Sequence[str] = (),
+    per_channel: bool = True,
+) -> onnx.ModelProto:
+    """Static QDQ int8 (uint8 activations, 7-bit-range int8 per-channel weights), cut tensors kept float.
+
+    PROBE.md: int8 *signed* activations fuse poorly in onnxruntime's CPU kernels (slower
+    than fp32), uint8 activations run 3x faster; dynamic quantization is 5x slower on convs.
+
+    ``reduce_range``: onnxruntime's fused u8s8 kernels on x86 CPUs *without* VNNI (AVX2
+    only, e.g. the AMD EPYC CI runners) add pairs of u8*s8 products in 16 bits, which
+    saturates with full-range weights: the same int8 model scored 98.6% on an AVX512-VNNI
+    machine and 68.9% on an AVX2 one (with the graph optimizations that fuse QDQ into
+    QLinearConv; 98.6% without them). Weights in [-64, 63] cannot saturate anywhere.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    src = _copy(model)
+    _name_nodes(src)
+    del src.graph.value_info[:]
+    input_name = next(i.name for i in src.graph.input if i.name not in {t.name for t in src.graph.initializer})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{input_name: calib[i : i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    # The quantizer logs a pre-processing hint at WARNING on every call; its pre-processing
+    # (graph fusion) is exactly what must not run here, since it can move the cuts.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    with tempfile.TemporaryDirectory() as tmp:
+        src_path, dst_path = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        save_model(src, src_path)
+        quantize_static(
+            str(src_path), str(dst_path), Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            reduce_range=True,
+            nodes_to_exclude=_writers(src, preserve),
+        )
+        out = onnx.load(str(dst_path))
+    out.ir_version = min(out.ir_version, 10)
+    return out
+
+
+# -- fp16 --------------------------------------------------------------------------------------
+def convert_fp16(model: onnx.ModelProto, *, preserve: Sequence[str] = ()) -> onnx.ModelProto:
+    """Float16 everywhere but the graph's inputs, outputs and the ``preserve`` tensors.
+
+    The nodes writing the cut tensors run in float32 (the converter puts casts around
+    them), so a block boundary always carries float32, whatever the slot's precision.
+    """
+    from onnxconverter_common import float16
+
+    src = _copy(model)
+    _name_nodes(src)
+    del src.graph.value_info[:]
+    with warnings.catch_warnings():
+        # "the float32 number 6.9e-08 will be truncated to 1e-07": expected of fp16, per weight
+        warnings.simplefilter("ignore", UserWarning)
+        out = float16.convert_float_to_float16(
+            src, keep_io_types=True, node_block_list=_writers(src, preserve), disable_shape_infer=False
+        )
+    _restore_names(src, out, preserve)
+    out.ir_version = min(out.ir_version, 10)
+    return out
+
+
+def _restore_names(src: onnx.ModelProto, out: onnx.ModelProto, preserve: Sequence[str]) -> None:
+    """Make each preserved tensor name float32 again, written by its original node.
+
+    onnxconverter-common keeps a blocked node in float32 but renames its output
+    (``X`` -> ``X_output_cast_0``) and either feeds it to a Cast back to float16 that
+    takes the old name, or, when the next node is blocked too, leaves the new name.
+    Both are undone here by swapping names, so that ``X`` is the float32 tensor and the
+    float16 copy (if any) is ``X__fp16``.
+    """
+    want = set(preserve)
+    original = {n.name: list(n.output) for n in src.graph.node}
+    renames: dict[str, str] = {}
+    for node in out.graph.node:
+        for j, (old, new) in enumerate(zip(original.get(node.name, []), list(node.output), strict=False)):
+            if old in want and old != new:
+                renames[new] = old  # float32 tensor gets the original name back
+                renames[old] = f"{old}__fp16"  # the Cast's float16 output, if there is one
+                node.output[j] = new  # renamed below with everything else
+    if not renames:
+        return
+    for node in out.graph.node:
+        for seq in (node.input, node.output):
+            for j, x in enumerate(seq):
+                if x in renames:
+                    seq[j] = renames[x]
+    for o in out.graph.output:
+        if o.name in renames:
+            o.name = renames[o.name]
+    kept = [vi for vi in out.graph.value_info if vi.name not in renames and vi.name not in renames.values()]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+
+
+# -- families ----------------------------------------------------------------------------------
+def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None) -> float:
+    x, y = family.eval_data()
+    sess = session(load_model(path), name=str(path))
+    logits = run_batched(sess, {family.manifest.input.name: x})[family.manifest.output.name]
+    if family.manifest.metric.name == "top1":
+        if y is None:
+            raise ManifestError(f"{family.path}: metric top1 needs labels (eval_data.y)")
+        return top1_accuracy(logits, y)
+    if reference is None:
+        raise ValueError("metric 'agreement' needs the dense variant's logits as reference")
+    return top1_accuracy(logits, reference.argmax(-1))
+
+
+def init_family(
+    dense: str | Path,
+    out_dir: str | Path,
+    *,
+    task: str,
+    num_classes: int,
+    eval_file: str = "eval.npz",
+    calib_file: str = "calib.npz",
+    metric: str = "top1",
+    description: str = "",
+    made_by: str = "",
+) -> Family:
+    """Start a family in ``out_dir`` from one dense ONNX (copied there) and its data files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(dense)
+    target = out / "dense.onnx"
+    if Path(dense).resolve() != target.resolve():
+        save_model(model, target)
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ModelError(f"{dense}: a family model needs one input and one output (has {len(inputs)} and {len(model.graph.output)})")
+
+    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        return TensorSpec(name=vi.name, shape=dims)
+
+    manifest = Manifest(
+        task=task, description=description, input=spec(inputs[0]), output=spec(model.graph.output[0]),
+        num_classes=num_classes, metric=Metric(name=metric),
+        eval_data=DataSpec(file=eval_file, y="y" if metric == "top1" else None),
+        calib_data=DataSpec(file=calib_file, y=None),
+        variants=[Variant(name="dense", file="dense.onnx", kind="dense", made_by=made_by or "the dense model")],
+    )
+    family = Family(manifest, out)
+    family.save()
+    family = load_family(out)
+    add_variant(family, "dense", target, kind="dense", made_by=made_by or "the dense model")
+    return family
+
+
+def add_variant(
+    family: Family,
+    name: str,
+    path: Path,
+    *,
+    kind: str,
+    sparsity: float | None = None,
+    precision: str = "fp32",
+    made_by: str = "",
+) -> Variant:
+    """Record (or replace) a variant whose file is already in the family folder; measure it."""
+    path = Path(path).resolve()
+    try:
+        file = str(path.relative_to(family.root.resolve()))
+    except ValueError:
+        raise ManifestError(f"{path}: a variant's file must be inside the family folder {family.root}") from None
+    load_model(path)
+    reference = None
+    if family.manifest.metric.name == "agreement":
+        dense = family.variant_path(family.reference_variant().name)
+        x, _ = family.eval_data()
+        reference = run_batched(session(load_model(dense), name=str(dense)), {family.manifest.input.name: x})[
+            family.manifest.output.name
+        ]
+    variant = Variant(
+        name=name,
+        file=file,
+        kind=kind,  # type: ignore[arg-type]
+        sparsity=round(weight_sparsity(load_model(path)) if sparsity is None else sparsity, 4),
+        precision=precision,  # type: ignore[arg-type]
+        made_by=made_by,
+        accuracy=round(measure_accuracy(family, path, reference=reference), 5),
+        size_bytes=path.stat().st_size,
+    )
+    others = [v for v in family.manifest.variants if v.name != name]
+    family.manifest.variants = [*others, variant] if len(others) == len(family.manifest.variants) else [
+        variant if v.name == name else v for v in family.manifest.variants
+    ]
+    family.save()
+    return variant
+
+
+def make_variants(
+    family: Family | str | Path,
+    *,
+    unstructured: Sequence[float] = (),
+    structured: Sequence[float] = (),
+    int8: bool = False,
+    fp16: bool = False,
+    source: str = "dense",
+    progress: Progress | None = None,
+) -> Family:
+    """Add post-training variants of ``source`` to a family and record their accuracy."""
+    family = family if isinstance(family, Family) else load_family(family)
+    say = progress or (lambda _m: None)
+    src_path = family.variant_path(source)
+    base = load_model(src_path)
+    keep = preserved_tensors(base)
+    for s in unstructured:
+        name = f"unstructured-{round(s * 100)}-pt"
+        say(f"{family.task}: {name}")
+        save_model(prune_unstructured(base, s), family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="unstructured",
+                    made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
+    for s in structured:
+        name = f"structured-{round(s * 100)}-pt"
+        say(f"{family.task}: {name}")
+        pruned, n = prune_structured(base, s)
+        save_model(pruned, family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="structured", sparsity=s,
+                    made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
+    suffix = "" if source == "dense" else f"{source}-"
+    src_sparsity = family.variant(source).sparsity
+    if int8:
+        name = f"{suffix}int8"
+        say(f"{family.task}: {name}")
+        calib = family.calib_data()
+        save_model(quantize_int8(base, calib, preserve=keep), family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="int8", precision="int8", sparsity=src_sparsity,
+                    made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel 7-bit-range int8 weights, "
+                            f"{len(calib)} calibration samples), cut tensors {keep} kept float")
+    if fp16:
+        name = f"{suffix}fp16"
+        say(f"{family.task}: {name}")
+        save_model(convert_fp16(base, preserve=keep), family.root / f"{name}.onnx")
+        add_variant(family, name, family.root / f"{name}.onnx", kind="fp16", precision="fp16", sparsity=src_sparsity,
+                    made_by=f"loom: float16 conversion of {source} (onnxconverter-common), float32 at inputs, outputs and cuts")
+    return family
