@@ -3,7 +3,8 @@
 Importing this package imports no engine: ``REGISTRY`` maps a name to
 ``"module:Class"`` and the module is imported the first time the name is asked for,
 so a machine without OpenVINO (or TensorRT, ...) still runs everything else, and
-``available_backends()`` says what is missing and how to get it.
+``available_backends()`` says what is missing and how to get it. Modules named ``_*``
+are a backend's machinery, not backends. Design: docs/backends.md.
 """
 
 from __future__ import annotations

@@ -82,11 +82,9 @@ class Backend(ABC):
     def pin_current_thread(self) -> bool:
         """Pin the calling thread to ``self.cores``; a processor's worker calls it once.
 
-        Why the *calling* thread: with one compute thread, onnxruntime and OpenVINO
-        (CPU, synchronous infer) run every kernel on the thread that calls ``run``, so
-        pinning that thread is what puts the processor on its cores. Threads it starts
-        later inherit the mask. Returns False when there is nothing to pin or the OS
-        cannot pin (no ``sched_setaffinity`` outside Linux).
+        With one compute thread the engines run every kernel on the thread that calls
+        ``run`` (docs/backends.md), so this puts the processor on its cores. False when
+        there is nothing to pin or the OS cannot pin (no ``sched_setaffinity``).
         """
         return pin_current_thread(self.cores)
 
@@ -198,6 +196,12 @@ def read_source(model: onnx.ModelProto | str | Path | bytes, block_id: str | Non
 def _content_id(proto: onnx.ModelProto, data: bytes) -> str:
     """Default block id of an in-memory model: graph name plus a content hash, as in the store."""
     return f"{proto.graph.name or 'block'}@{hashlib.sha256(data).hexdigest()[:12]}"
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Graph inputs a caller feeds, in order (old IRs also list initializers as inputs)."""
+    constants = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in constants]
 
 
 def output_dtypes(proto: onnx.ModelProto) -> dict[str, np.dtype]:

@@ -2,19 +2,7 @@
 
 ``openvino`` is optional: it is imported on first use through ``loom.core.compat.require``,
 so importing this module costs nothing and a missing package says what to install.
-
-Precision. OpenVINO's CPU plugin defaults to bf16 where the CPU has it (outputs then
-differ from onnxruntime by ~1e-2); ``precision="f32"`` (the default here) sets
-``INFERENCE_PRECISION_HINT=f32`` and matches onnxruntime to ~1e-6.
-
-Threads and cores (measured with OpenVINO 2026.4 on Linux). With one thread and the
-LATENCY hint, a synchronous ``infer`` runs every kernel on the calling thread, so the
-processor's worker pins itself with ``pin_current_thread()``, as for onnxruntime.
-``ENABLE_CPU_PINNING`` must then stay off: when on, OpenVINO re-pins the calling
-thread to cores of its own choosing (it moved a thread pinned to CPU 1 onto CPU 0),
-which overrides ``cores``. With more than one thread the extra work runs on TBB's
-worker threads, which are shared by the whole process and not pinned by this backend:
-``cores`` then only pins the calling thread.
+Precision (f32 by default, to match onnxruntime) and threads and cores: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -38,6 +26,7 @@ from backends.base import (
     ModelSource,
     check_cores,
     check_resident,
+    graph_inputs,
     mark_released,
     op_label,
     output_dtypes,
@@ -190,19 +179,8 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise BackendError(f"{src.name}: openvino cannot compile it for {self.device}: {exc}") from exc
         del ov_model
-        inputs = _graph_inputs(src.proto)
-        outputs: dict[str, Any] = {}
-        try:
-            for name in inputs:
-                compiled.input(name)
-            for out in src.proto.graph.output:
-                # by tensor name, not position or get_any_name(): a tensor may carry
-                # several names, and OpenVINO may reorder results
-                outputs[out.name] = compiled.output(out.name)
-        except Exception as exc:
-            raise BackendError(
-                f"{src.name}: openvino renamed a graph input or output ({exc}); names are how blocks connect"
-            ) from exc
+        inputs = graph_inputs(src.proto)
+        outputs = _output_ports(compiled, src)
         seconds = time.perf_counter() - t0
         memory = max(0, rss_bytes() - before)
         handle = _Compiled(compiled, request, outputs, output_dtypes(src.proto), threading.Lock())
@@ -333,10 +311,22 @@ def _device_present(device: str, available: list[str]) -> bool:
     return device in available or any(d.split(".")[0] == device for d in available)
 
 
-def _graph_inputs(proto: onnx.ModelProto) -> list[str]:
-    """Graph inputs a caller feeds (old IRs also list initializers as inputs)."""
-    constants = {t.name for t in proto.graph.initializer}
-    return [i.name for i in proto.graph.input if i.name not in constants]
+def _output_ports(compiled: Any, src: ModelSource) -> dict[str, Any]:
+    """ONNX output name -> compiled model output port, once every graph input and output
+    is known to have kept its name (names are how blocks connect)."""
+    outputs: dict[str, Any] = {}
+    try:
+        for name in graph_inputs(src.proto):
+            compiled.input(name)
+        for out in src.proto.graph.output:
+            # by tensor name, not position or get_any_name(): a tensor may carry
+            # several names, and OpenVINO may reorder results
+            outputs[out.name] = compiled.output(out.name)
+    except Exception as exc:
+        raise BackendError(
+            f"{src.name}: openvino renamed a graph input or output ({exc}); names are how blocks connect"
+        ) from exc
+    return outputs
 
 
 def _onnx_labels(proto: onnx.ModelProto) -> dict[str, str]:

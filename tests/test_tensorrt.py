@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_backends import small_cnn
 
 import backends
+import backends._tensorrt_cuda as trt_cuda
 import backends.tensorrt as trt_backend
 from backends.base import read_source
 from backends.tensorrt import (
@@ -206,7 +207,7 @@ def test_importing_the_module_imports_no_engine():
 def test_no_cuda_binding_is_a_missing_dependency(monkeypatch):
     import loom.core.compat
 
-    trt_backend._detect_cuda.cache_clear()
+    trt_cuda._detect_cuda.cache_clear()
     real_import = __import__
 
     def fake_import(name, *args, **kwargs):
@@ -220,7 +221,7 @@ def test_no_cuda_binding_is_a_missing_dependency(monkeypatch):
         with pytest.raises(MissingDependencyError, match="pip install cuda-python"):
             trt_backend.cuda_api()
     finally:
-        trt_backend._detect_cuda.cache_clear()
+        trt_cuda._detect_cuda.cache_clear()
 
 
 # --- pure helpers --------------------------------------------------------------------------------

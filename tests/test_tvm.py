@@ -412,7 +412,7 @@ def test_tuning_log_and_sampled_schedules(tmp_path, ort):
     log = tmp_path / "log"
     log.mkdir()
     database = ms.database.JSONDatabase(work_dir=str(log))
-    _, written = writer._sampled(writer._lower(src, src.proto), database)
+    _, written = writer.compiler.sampled(writer.compiler.lower(src, src.proto), database)
     assert written > 0
 
     tuned = backends.get_backend("tvm", cache_dir=str(tmp_path / "c"), batch_size=1, tuning_log=str(log))
