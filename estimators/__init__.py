@@ -1,24 +1,10 @@
-"""Learned estimators: block features from ONNX, latency and accuracy models, what to measure.
+"""Learned estimators: predict block latency and config accuracy from a small measured sample.
 
-Instead of profiling every block on every processor and evaluating every stitched
-config, sparseloom measures a small sample and predicts the rest:
-
-- ``features``: ``block_features(model)`` and ``processor_features(kind, backend,
-  options)``, dict rows with fixed, ordered schemas (``BLOCK_FEATURES``,
-  ``PROCESSOR_FEATURES``, ``LATENCY_FEATURES``);
-- ``latency``: ``LatencyEstimator`` (XGBoost on log latency over a roofline prior),
-  ``LinkModel`` for hand-offs between processors, ``predict_plan``/``latency_table``
-  /``plan_latency`` for plans;
-- ``accuracy``: ``cut_compatibility`` (activations of each variant at the cuts ->
-  how well each pair fits), ``config_features``, ``AccuracyEstimator``,
-  ``min_accuracy_baseline``;
-- ``sampling``: ``random_sample``, ``stratified_sample``, ``active_sample``;
-- ``persist``: ``save_estimator``/``load_estimator`` (XGBoost JSON + metadata JSON).
-
-Layering: this package imports only the leaf modules of ``loom`` (``errors``,
-``compat``, ``onnxutil``), numpy and onnx; XGBoost is imported when a model is
-fitted or loaded (``loom.core.compat.require``). The face (``loom``) imports estimators,
-never the reverse.
+``features`` (block and processor rows), ``booster`` (the shared XGBoost estimator),
+``latency`` (``LatencyEstimator``), ``plans`` (hand-offs and plan latency),
+``accuracy`` (cut compatibility, ``AccuracyEstimator``), ``sampling`` (which configs to
+measure), ``saving``/``persist`` (JSON files, no pickle). Imports from ``loom`` only
+``loom.core``. Design and measured figures: ``docs/estimators.md``.
 """
 
 from __future__ import annotations
@@ -40,21 +26,14 @@ from estimators.features import (
     latency_row,
     processor_features,
 )
-from estimators.latency import (
-    LatencyEstimator,
-    Link,
-    LinkModel,
-    PlanLatency,
-    latency_table,
-    plan_latency,
-    predict_plan,
-)
+from estimators.latency import LatencyEstimator
 from estimators.persist import (
     EstimatorFileError,
     StaleEstimatorWarning,
     load_estimator,
     save_estimator,
 )
+from estimators.plans import Link, LinkModel, PlanLatency, latency_table, plan_latency, predict_plan
 from estimators.sampling import active_sample, config_space, random_sample, stratified_sample
 
 __all__ = [

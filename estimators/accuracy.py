@@ -1,27 +1,10 @@
 """Accuracy of a stitched config, learned from a few measured configs and cheap signals.
 
-Measuring a config's accuracy means running it over the evaluation set; a task with
-8 variants and 3 slots has 512 configs. ``AccuracyEstimator`` is trained on a few
-dozen measured configs and predicts the rest from features that cost no config
-evaluation at all (``config_features``):
-
-- per slot: the variant's kind, sparsity, precision and standalone accuracy;
-- aggregates: min/mean standalone accuracy, distinct variants, switches;
-- **cut compatibility** (PROBE.md: stitching separately fine-tuned pieces lost 10
-  points that no single piece predicts): at each cut, how much the upstream variant's
-  activations look like what the downstream variant was trained to receive there.
-  ``cut_compatibility`` computes it from one run of each variant with the cut tensors
-  as extra outputs on a few calibration inputs: V*V*cuts numbers, no labels.
-
-What it reaches on the embedded zoo (``demo.json``: all 512 configs of each of 3
-tasks measured; 25 stitched configs measured plus the 8 uniform ones, whose accuracy
-is the variants' own; tested on the rest; 10 seeds): MAE 2.5 / 2.9 / 1.9 points and
-Spearman 0.93 / 0.94 / 0.93 (image / seq / signal), against 4.3 / 5.2 / 6.7 and
-0.82 / 0.94 / 0.91 for ``min_accuracy_baseline``. Configs made only of healthy
-variants are predicted within 0.3-0.7 points; configs holding a broken variant (95%
-pruned, 67-75% standalone) swing by 40 points with its slot and neighbours, and 25
-samples pin that down only to ~5 points. MAE under 1 point over all configs takes
-about 100 measured configs (active sampling: 1.3 / 1.1 / 0.5).
+``AccuracyEstimator`` is trained on a few dozen measured configs and predicts the rest
+from ``config_features``, which cost no config evaluation: per-slot variant facts,
+aggregates, and ``cut_compatibility`` (how well one variant's activations at a cut
+fit what the next variant expects). ``min_accuracy_baseline`` is the reference it
+beats. Measured figures: ``docs/estimators.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from estimators.latency import BoosterEstimator
+from estimators.booster import BoosterEstimator
 
 #: variant kinds, in one-hot order (``loom.model.family.VariantKind``); others count as "other"
 VARIANT_KINDS: tuple[str, ...] = ("dense", "unstructured", "structured", "int8", "fp16")
@@ -278,8 +261,9 @@ class AccuracyEstimator(BoosterEstimator):
     Defaults are tuned for tens of training rows: shallow trees, a small learning
     rate, and row and column subsampling (on the embedded zoo at 25 training configs
     the subsampling cut the error by about half a point: with 30-odd correlated
-    features and 25 rows, an unrandomized booster latches onto a few of them). Rows of several tasks with the same K can be stacked (a feature schema
-    without task ids), with ``sample_weight`` to favour the task at hand.
+    features and 25 rows, an unrandomized booster latches onto a few of them). Rows
+    of several tasks with the same K can be stacked (a feature schema without task
+    ids), with ``sample_weight`` to favour the task at hand.
     """
 
     def __init__(

@@ -1,47 +1,10 @@
 """Features of blocks and processors, computed from the ONNX file and the profile alone.
 
-The latency estimator must predict blocks, configs and even tasks that were never
-measured, so every feature here is a property of the block's graph (work, weights,
-precision, data moved, op mix) or of the processor's description (kind, engine,
-threads, precision hint) — never an id of something seen in training.
-
-Rows are ``dict[str, float]``; a matrix is built from rows in the order of a
-*feature schema*, a tuple of names fixed here (``BLOCK_FEATURES``,
-``PROCESSOR_FEATURES``, ``LATENCY_FEATURES``). An estimator stores the schema it
-was fitted with and refuses rows that do not match it (``FeatureSchemaError``),
-because a silently reordered or missing column gives confident nonsense.
-
-Definitions (batch 1, symbolic dims set to 1):
-
-- ``macs_conv``: Conv, ConvTranspose, ConvInteger, QLinearConv (a QDQ-wrapped Conv is a
-  Conv whose weight comes out of a DequantizeLinear: shape inference gives it the
-  weight's shape, so an int8 QDQ block counts the MACs of its fp32 source).
-- ``macs_matmul``: MatMul, Gemm, MatMulInteger, QLinearMatMul, FusedMatMul.
-- ``macs_other``: one op per output element of every other compute node. Format
-  conversions (QuantizeLinear, DequantizeLinear, Cast, DynamicQuantizeLinear) and
-  views (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Shape, Constant) are *not*
-  MACs: conversions are counted in ``convert_elems`` instead, so that quantizing a
-  block changes its precision features and op mix, not its amount of work.
-  (This is why ``macs_total`` can be smaller than ``loom``'s ``BlockInfo.macs``, which
-  counts every non-static node's output elements.)
-- Nodes whose inputs are all constant (DequantizeLinear of a weight, shape
-  arithmetic) are folded by every engine at load time: they count neither as MACs
-  nor as conversions, but they do count in ``n_nodes`` and the op histogram, which
-  describe the file as written.
-- ``params``: elements of the weight tensors: float and 8/4-bit integer initializers
-  and Constant values, except the scales and zero points of quantization ops and
-  integer index/shape tensors (int32/int64; an int32 tensor that a DequantizeLinear
-  reads is a quantized bias and counts). ``nonzero_params`` counts elements that
-  are not zero — for a quantized weight, not equal to its zero point. ``sparsity`` is
-  ``1 - nonzero_params / params``.
-- ``prec_fp32``/``prec_fp16``/``prec_int8``: share of weight elements stored as 32-bit
-  (or wider) floats, 16-bit floats (fp16, bf16), and quantized integers (8 bits or
-  fewer, plus the int32 biases of QDQ models).
-- ``act_in_bytes``/``act_out_bytes``: bytes of the block's graph inputs/outputs;
-  ``act_total_bytes``: bytes of every tensor a compute node writes (memory traffic).
-- ``op_<Type>``: node counts over ``OP_VOCABULARY``; quantized forms count under their
-  float family (ConvInteger/QLinearConv as Conv, MatMulInteger/QLinearMatMul/FusedMatMul
-  as MatMul); everything else under ``op_other``.
+Every feature is a property of the block's graph or of the processor's description,
+never an id seen in training, so unmeasured blocks and tasks can be predicted. Rows
+are ``dict[str, float]``; matrices follow a fixed *feature schema* (``BLOCK_FEATURES``,
+``PROCESSOR_FEATURES``, ``LATENCY_FEATURES``) and a mismatch raises
+``FeatureSchemaError``. What each feature counts: ``docs/estimators.md``.
 """
 
 from __future__ import annotations
@@ -238,7 +201,7 @@ def block_features(model: onnx.ModelProto) -> dict[str, float]:
     """Features of one block (or any ONNX model), keys in ``BLOCK_FEATURES`` order.
 
     Pure function of the graph: a few milliseconds for the zoo's blocks, dominated by
-    shape inference. See the module docstring for the definition of each feature.
+    shape inference. Each feature is defined in ``docs/estimators.md``.
     """
     graph = model.graph
     shapes = infer_shapes(model)

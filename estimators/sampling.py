@@ -1,28 +1,10 @@
-"""Which configs to measure, when only a few of the V**K can be.
+"""Which configs to measure, when only a few of the V**K can be: three deterministic strategies.
 
-Three strategies, all deterministic for a seed:
-
-- ``random_sample``: uniform without replacement, the reference point.
-- ``stratified_sample``: the uniform configs (the original variants, measured anyway)
-  plus rounds in which every variant fills every slot exactly once (a Latin-square
-  design), each round chosen among several random ones for the adjacent pairs
-  ``(slot s: a, slot s+1: b)`` it adds: the accuracy estimator learns per-slot effects
-  from the first property and cut compatibility from the second.
-- ``active_sample``: a stratified seed, then repeatedly the configs on which a bootstrap
-  ensemble of estimators disagrees most: measurements go where the model is unsure
-  (on the embedded zoo, configs holding a badly pruned variant, whose accuracy
-  swings by 40 points with its slot and neighbours).
-
-On the embedded zoo (accuracy MAE in points on the configs not measured, uniform
-configs known for free, mean over seeds, image / seq / signal):
-
-    measured   random            stratified        active
-    16         3.7 / 4.2 / 2.7   2.6 / 3.8 / 2.1   3.0 / 3.8 / 2.0
-    25         2.6 / 2.7 / 1.7   2.6 / 2.9 / 1.8   2.4 / 3.1 / 1.7
-    50         2.0 / 2.1 / 1.5   2.2 / 2.2 / 1.3   1.9 / 2.1 / 0.9
-    100        1.5 / 1.5 / 1.0   1.4 / 1.3 / 0.8   1.3 / 1.1 / 0.5
-
-Stratified is the safer choice at tiny budgets; active pays from about 50 on.
+``random_sample`` (uniform, the reference), ``stratified_sample`` (uniform configs plus
+Latin-square rounds rich in new adjacent pairs) and ``active_sample`` (a stratified
+seed, then where a bootstrap ensemble disagrees most). Stratified is the safer choice
+at tiny budgets; active pays from about 50 measured configs (figures:
+``docs/estimators.md``).
 """
 
 from __future__ import annotations
@@ -87,19 +69,10 @@ def stratified_sample(
     rng = np.random.default_rng(seed)
     chosen: list[Config] = list(uniform) if include_uniform else []
     seen = set(uniform)  # never drawn again (nor at all without include_uniform)
-    pairs = {(s, c[s], c[s + 1]) for c in chosen for s in range(k - 1)}
+    pairs = _adjacent_pairs(chosen, k)
     stall = 0
     while len(chosen) < n:
-        best: list[Config] | None = None
-        best_gain = -1
-        for _ in range(candidates):
-            perms = [rng.permutation(v) for _ in range(k)]
-            round_ = [tuple(variants[p[i]] for p in perms) for i in range(v)]
-            if len(set(round_)) < v or any(c in seen for c in round_):
-                continue  # a repeated config would break the one-per-slot balance
-            gain = len({(s, c[s], c[s + 1]) for c in round_ for s in range(k - 1)} - pairs)
-            if gain > best_gain:
-                best, best_gain = round_, gain
+        best = _best_round(rng, variants, k, candidates, seen, pairs)
         if best is None:
             stall += 1
             if stall > 50:  # the space is nearly exhausted: fill with unseen configs
@@ -112,8 +85,36 @@ def stratified_sample(
         take = best[: n - len(chosen)]
         chosen += take
         seen.update(take)
-        pairs |= {(s, c[s], c[s + 1]) for c in take for s in range(k - 1)}
+        pairs |= _adjacent_pairs(take, k)
     return chosen
+
+
+def _adjacent_pairs(configs: Sequence[Config], k: int) -> set[tuple[int, str, str]]:
+    """The ``(slot s, variant at s, variant at s+1)`` seams of ``configs``."""
+    return {(s, c[s], c[s + 1]) for c in configs for s in range(k - 1)}
+
+
+def _best_round(
+    rng: np.random.Generator,
+    variants: list[str],
+    k: int,
+    candidates: int,
+    seen: set[Config],
+    pairs: set[tuple[int, str, str]],
+) -> list[Config] | None:
+    """Of ``candidates`` random Latin-square rounds, the one adding the most new seams (None: none valid)."""
+    v = len(variants)
+    best: list[Config] | None = None
+    best_gain = -1
+    for _ in range(candidates):
+        perms = [rng.permutation(v) for _ in range(k)]
+        round_ = [tuple(variants[p[i]] for p in perms) for i in range(v)]
+        if len(set(round_)) < v or any(c in seen for c in round_):
+            continue  # a repeated config would break the one-per-slot balance
+        gain = len(_adjacent_pairs(round_, k) - pairs)
+        if gain > best_gain:
+            best, best_gain = round_, gain
+    return best
 
 
 @dataclass
@@ -132,6 +133,44 @@ def _default_estimator() -> Any:
     from estimators.accuracy import AccuracyEstimator
 
     return AccuracyEstimator(n_estimators=150, learning_rate=0.08, colsample_bytree=0.5, subsample=0.8)
+
+
+def _row_source(
+    featurize: Callable[[Config], Mapping[str, float]] | Mapping[Config, Mapping[str, float]],
+) -> Callable[[Config], Mapping[str, float]]:
+    """A config's feature row: looked up in a mapping, or computed once per config."""
+    if isinstance(featurize, Mapping):
+        return featurize.__getitem__
+    cache: dict[Config, Mapping[str, float]] = {}
+
+    def row(c: Config) -> Mapping[str, float]:
+        if c not in cache:
+            cache[c] = featurize(c)
+        return cache[c]
+
+    return row
+
+
+def _ensemble_spread(
+    factory: Callable[[], Any],
+    X: list[Mapping[str, float]],
+    y: np.ndarray,
+    pool_rows: list[Mapping[str, float]],
+    *,
+    rng: np.random.Generator,
+    n_models: int,
+    first_seed: int,
+) -> np.ndarray:
+    """Standard deviation over ``pool_rows`` of ``n_models`` estimators fitted on bootstrap resamples."""
+    preds = []
+    for m in range(n_models):
+        idx = rng.integers(0, len(X), size=len(X))
+        est = factory()
+        if hasattr(est, "random_state"):
+            est.set_params(random_state=first_seed + m)
+        est.fit([X[i] for i in idx], y[idx])
+        preds.append(est.predict(pool_rows))
+    return np.std(np.asarray(preds), axis=0)
 
 
 def active_sample(
@@ -163,39 +202,12 @@ def active_sample(
     configs = list(dict.fromkeys(tuple(c) for c in space))
     if not configs:
         raise ValueError("the config space is empty")
-    k = len(configs[0])
-    variants = list(dict.fromkeys(x for c in configs for x in c))
     known = {tuple(c): float(v) for c, v in (known or {}).items()}
-    uniform_known = all(tuple([x] * k) in known for x in variants)
     n = min(n, len([c for c in configs if c not in known]))
-    floor = 0 if uniform_known else len(variants)
-    first = initial if initial is not None else (3 * n) // 4
-    first = min(max(first, floor, 1), n)
-    rows_of = featurize if isinstance(featurize, Mapping) else None
-    cache: dict[Config, Mapping[str, float]] = {}
-
-    def row(c: Config) -> Mapping[str, float]:
-        if rows_of is not None:
-            return rows_of[c]
-        if c not in cache:
-            cache[c] = featurize(c)  # type: ignore[operator]
-        return cache[c]
-
+    row = _row_source(featurize)
     factory = make_estimator or _default_estimator
-    space_set = set(configs)
-    seed_round = [c for c in stratified_sample(variants, k, first, seed, include_uniform=not uniform_known)
-                  if c in space_set and c not in known]
     result = ActiveSample(configs=[], values=[])
-
-    def take(round_: list[Config]) -> None:
-        values = [float(x) for x in measure(list(round_))]
-        if len(values) != len(round_):
-            raise ValueError(f"measure returned {len(values)} values for {len(round_)} configs")
-        result.configs += round_
-        result.values += values
-        result.rounds.append(list(round_))
-
-    take(seed_round)
+    _take(result, measure, _seed_round(configs, known, n, initial, seed))
     rng = np.random.default_rng(seed)
     while len(result.configs) < n:
         measured = set(result.configs) | set(known)
@@ -205,22 +217,38 @@ def active_sample(
         train = list(known) + result.configs
         X = [row(c) for c in train]
         y = np.asarray(list(known.values()) + result.values)
-        pool_rows = [row(c) for c in pool]
-        preds = []
-        for m in range(n_models):
-            idx = rng.integers(0, len(X), size=len(X))
-            est = factory()
-            if hasattr(est, "random_state"):
-                est.set_params(random_state=seed * 1000 + len(result.rounds) * n_models + m)
-            est.fit([X[i] for i in idx], y[idx])
-            preds.append(est.predict(pool_rows))
-        spread = np.std(np.asarray(preds), axis=0)
+        spread = _ensemble_spread(factory, X, y, [row(c) for c in pool], rng=rng, n_models=n_models,
+                                  first_seed=seed * 1000 + len(result.rounds) * n_models)
         want = min(batch, n - len(result.configs))
         # stable order: ties (common with few, shallow trees) go to the earlier config in space
         order = np.argsort(-spread, kind="stable")[:want]
         result.disagreement.append(float(spread[order[0]]))
-        take([pool[i] for i in order])
+        _take(result, measure, [pool[i] for i in order])
     return result
+
+
+def _seed_round(configs: list[Config], known: Mapping[Config, float], n: int, initial: int | None,
+                seed: int) -> list[Config]:
+    """``active_sample``'s first round: a stratified sample of the configs not ``known``."""
+    k = len(configs[0])
+    variants = list(dict.fromkeys(x for c in configs for x in c))
+    uniform_known = all(tuple([x] * k) in known for x in variants)
+    floor = 0 if uniform_known else len(variants)
+    first = initial if initial is not None else (3 * n) // 4
+    first = min(max(first, floor, 1), n)
+    space_set = set(configs)
+    return [c for c in stratified_sample(variants, k, first, seed, include_uniform=not uniform_known)
+            if c in space_set and c not in known]
+
+
+def _take(result: ActiveSample, measure: Callable[[list[Config]], Sequence[float]], round_: list[Config]) -> None:
+    """Measure one round and record it in ``result``."""
+    values = [float(x) for x in measure(list(round_))]
+    if len(values) != len(round_):
+        raise ValueError(f"measure returned {len(values)} values for {len(round_)} configs")
+    result.configs += round_
+    result.values += values
+    result.rounds.append(list(round_))
 
 
 __all__ = ["ActiveSample", "Config", "active_sample", "config_space", "random_sample", "stratified_sample"]

@@ -1,57 +1,10 @@
-"""Sharing-aware ordering of queued work: consecutive jobs reuse resident blocks.
+"""Sharing-aware ordering of queued work on one processor: consecutive jobs reuse resident blocks.
 
-PartialLoading (Qu et al., 2025) orders requests so that what one job leaves in memory
-is what the next one needs: an exact dynamic program when models share a backbone,
-a greedy rule otherwise. This module is that idea on a one-processor model, pure
-Python, so the scheduler and the memory benchmark can both use it.
-
-The model
----------
-One processor with ``capacity`` bytes of block memory, a queue of ``Job`` s, each a
-chain of blocks (``blocks``, in execution order) plus ``exec_ms`` of compute. Running a
-job first makes all its blocks resident, then computes:
-
-* missing blocks are loaded, at ``load_ms[block]`` each (e.g. bytes / bandwidth);
-* to make room the cache evicts **least recently used first, never a block of the job
-  being run** (its own blocks are all needed at once, evicting one to load another
-  would never terminate). Blocks are "used" when a job runs; within one job later
-  blocks count as more recent. ``resident`` (the initial state) is given in LRU order,
-  first = least recently used;
-* the job starts at ``max(clock, arrival_s)``, finishes ``loads + exec_ms`` later and
-  hits its deadline when ``finish <= deadline_s``. A job that will miss still runs
-  (nothing is dropped); orders just decide *when*.
-
-A job whose own blocks exceed ``capacity`` can never run: ``ConfigError``.
-
-Objective (shared by the DP and brute force): **maximize deadlines hit, then minimize
-total load ms** (lexicographic). It is the plain objective, not "reorder only within
-EDF's slack": the optimum may let a job EDF would save miss when that saves two others.
-``order_greedy`` is the one that is slack-guarded (it never hits fewer than EDF).
-
-Policies
---------
-* ``order_fifo`` / ``order_edf``: arrival order / deadline order (the baselines).
-* ``order_backbone_dp``: exact. A forward DP over (set of jobs done, cache state), the
-  cache state being the resident blocks in LRU order, which with the time already
-  spent fixes everything that follows. Per state it keeps the Pareto front of partial
-  schedules over (clock, hits, load ms): one that is no later, hits no fewer and loaded
-  no more than another is at least as good in every completion (start times are
-  monotone in the clock), so dropping the dominated ones keeps the optimum. That is
-  exact for any instance; what the backbone structure buys is *size*: when every job
-  is a path in a prefix forest (shared backbone chain + task head) few distinct cache
-  states are reachable, so the bitmask DP stays usable to 12 jobs (``max_jobs``; about
-  3 s per 12-job synthetic instance in CPython, 0.1 s at 8 jobs).
-  By default it refuses instances that are not backbone-sharing (use the greedy).
-* ``order_greedy``: the general rule, O(n^3) simulated steps. At each step the
-  candidates are the remaining jobs that can still hit their deadline if run now (if
-  none can, all remaining). Among them it takes the one with the least load cost
-  (most resident reuse; ties: more resident bytes, earlier deadline, id) **provided**
-  running it next and then the rest in EDF order hits at least as many deadlines as
-  running everything left in EDF order; otherwise the next cheapest, and the EDF head
-  always passes. So urgent jobs fall back to EDF exactly when their slack runs out, and
-  by induction the final order never hits fewer deadlines than EDF.
-* ``brute_force``: every permutation (n <= 8), same objective, for the tests.
-* ``compare_policies``: deadline-hit rate and load of each policy over instances.
+After PartialLoading (Qu et al., 2025). A ``Job`` is a chain of blocks plus compute;
+an LRU cache of ``capacity`` bytes holds blocks. Objective: most deadlines hit, then
+least load ms. ``order_fifo``/``order_edf`` are the baselines, ``order_backbone_dp`` is
+exact (a DP over jobs done and cache state), ``order_greedy`` never hits fewer
+deadlines than EDF, ``brute_force`` is for the tests. The model: ``docs/placement.md``.
 """
 
 from __future__ import annotations
@@ -298,7 +251,7 @@ def order_backbone_dp(jobs: Sequence[Job], sizes: Mapping[str, int],
                       load_ms: Mapping[str, float], capacity: int,
                       resident: Sequence[str] = (), now: float = 0.0, *,
                       max_jobs: int = 12, require_backbone: bool = True) -> list[str]:
-    """Exact order: max deadlines hit, then min total load ms (see module doc).
+    """Exact order: max deadlines hit, then min total load ms (``docs/placement.md``).
 
     Bitmask DP over jobs, exponential in n: refuses more than ``max_jobs`` jobs, and
     (unless ``require_backbone=False``) instances that are not backbone-sharing, where
@@ -369,7 +322,7 @@ def _sim_from(order: Sequence[str], by_id: Mapping[str, Job], need: Mapping[str,
 
 def order_greedy(jobs: Sequence[Job], sizes: Mapping[str, int], load_ms: Mapping[str, float],
                  capacity: int, resident: Sequence[str] = (), now: float = 0.0) -> list[str]:
-    """Reuse-first order guarded by EDF (see module doc); never fewer hits than EDF."""
+    """Reuse-first order guarded by EDF (``docs/placement.md``); never fewer hits than EDF."""
     need = _check(jobs, sizes, load_ms, capacity, resident)
     by_id = {j.id: j for j in jobs}
     remaining = order_edf(jobs)  # kept in EDF order

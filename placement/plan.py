@@ -1,14 +1,9 @@
-"""What the optimizer works on and what it hands the runtime.
+"""What the optimizer works on (``TaskSpace``) and what it hands the runtime (``Plan``).
 
-``TaskSpace``: everything known about one task's choices, as plain numbers: which block
-each variant has in each slot, every block's (predicted or measured) latency on every
-processor that can run it, the bytes each block hands on, its resident memory, the
-links between processors, and the (predicted) accuracy of any config. Building one
-from estimators or a profile dataset is the face's job (``loom.profiling.fitting``); the
-optimizer, the policies and the simulator read only this.
-
-``Plan``: a config (one variant per slot) and a placement (one processor per slot),
-with its predicted latency, accuracy and memory.
+``TaskSpace``: one task's choices as plain numbers (the block of each variant in each
+slot, its latency on each processor, hand-off bytes, memory, links, config accuracy);
+building one is ``loom.profiling.fitting``'s job. ``Plan``: a config (one variant per
+slot) on a placement (one processor per slot), with its predicted figures.
 """
 
 from __future__ import annotations
@@ -16,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from estimators.latency import LinkModel
+from estimators.plans import LinkModel
 
 Config = tuple[str, ...]
 Placement = tuple[str, ...]

@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from estimators.accuracy import config_features  # noqa: E402
-from estimators.latency import LatencyEstimator, LinkModel, latency_table, plan_latency  # noqa: E402
+from estimators.latency import LatencyEstimator  # noqa: E402
+from estimators.plans import LinkModel, latency_table, plan_latency  # noqa: E402
 from estimators.sampling import active_sample, random_sample, stratified_sample  # noqa: E402
 from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
 from loom.core.progress import say  # noqa: E402
@@ -51,6 +52,8 @@ from loom.model.family import load_family  # noqa: E402
 from loom.model.partition import Partition  # noqa: E402
 from loom.model.stitch import evaluate_configs  # noqa: E402
 from loom.processors.device import load_device_profile  # noqa: E402
+from loom.profiling.chains import measure_placed_configs  # noqa: E402
+from loom.profiling.dataset import partition_ref  # noqa: E402
 from loom.profiling.fitting import (  # noqa: E402
     AccuracySample,
     accuracy_budget,
@@ -61,13 +64,9 @@ from loom.profiling.fitting import (  # noqa: E402
     processor_rows,
     sample_accuracy,
 )
-from loom.profiling.profile import (  # noqa: E402
-    calibrate_links,
-    ensure_partitions,
-    measure_placed_configs,
-    partition_ref,
-    profile_device,
-)
+from loom.profiling.links import calibrate_links  # noqa: E402
+from loom.profiling.partitions import ensure_partitions  # noqa: E402
+from loom.profiling.profile import profile_device  # noqa: E402
 
 Config = tuple[str, ...]
 

@@ -20,15 +20,7 @@ from estimators.accuracy import (
     min_accuracy_baseline,
 )
 from estimators.features import BLOCK_FEATURES, FeatureSchemaError, latency_row, processor_features
-from estimators.latency import (
-    LatencyEstimator,
-    Link,
-    LinkModel,
-    latency_table,
-    nnls,
-    plan_latency,
-    predict_plan,
-)
+from estimators.latency import LatencyEstimator, nnls
 from estimators.persist import (
     EstimatorFileError,
     StaleEstimatorWarning,
@@ -36,6 +28,7 @@ from estimators.persist import (
     metadata_path,
     save_estimator,
 )
+from estimators.plans import Link, LinkModel, latency_table, plan_latency, predict_plan
 from estimators.sampling import active_sample, config_space, random_sample, stratified_sample
 from loom.core.errors import ConfigError, NotFittedError
 

@@ -1,4 +1,4 @@
-"""placement.optimizer: Pareto sets against brute force, the joint assignment, the fluid bound."""
+"""The optimizer: Pareto sets against brute force, the joint assignment, the fluid bound."""
 
 from __future__ import annotations
 
@@ -9,19 +9,13 @@ import time
 import numpy as np
 import pytest
 
-from estimators.latency import Link, LinkModel
+from estimators.plans import Link, LinkModel
 from loom.core.errors import ConfigError
-from placement.optimizer import (
-    assign,
-    brute_force_pareto,
-    fastest_plans,
-    fluid_goodput_bound,
-    pareto_plans,
-    plan_accuracies,
-    random_space,
-    time_planning,
-)
+from placement.assignment import assign, fluid_goodput_bound
+from placement.pareto import brute_force_pareto, fastest_plans, pareto_plans
 from placement.plan import Plan, TaskSpace
+from placement.synthetic import random_space, time_planning
+from placement.tables import plan_accuracies
 
 PROCS = ["cpu", "npu"]
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from estimators.latency import Link, LinkModel
+from estimators.plans import Link, LinkModel
 from loom.core.errors import ConfigError
-from placement.optimizer import brute_force_pareto
+from placement.pareto import brute_force_pareto
 from placement.plan import Plan, TaskSpace
 from placement.policies import POLICY_NAMES, get_policy
 from placement.policies.base import Policy

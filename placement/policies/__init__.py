@@ -1,18 +1,8 @@
-"""The policies every benchmark compares (DESIGN.md, "The comparison every benchmark makes").
+"""The policies every benchmark compares, by name: ``get_policy("av-p")``, ``POLICY_NAMES``.
 
-A registry by name, imported lazily like a plugin registry: ``get_policy("av-p")``
-imports ``placement.policies.av_p`` only then. ``POLICY_NAMES`` lists them in the
-order of the comparison table.
-
-| name | adaptive | stitched | partitioned | candidates |
-| --- | --- | --- | --- | --- |
-| sv-ao-np | no | no | no | most accurate variant, on each processor that runs it whole, fastest first |
-| sv-ao-p | no | no | yes | most accurate variant, its fastest placement |
-| sv-lo-np | no | no | no | fastest variant meeting the floor, on each processor, fastest first |
-| sv-lo-p | no | no | yes | fastest (partitioned) variant meeting the floor, its fastest placement |
-| av-np | yes | no | no | front of original variants x single processors |
-| av-p | yes | no | yes | front of original variants x placements |
-| sparseloom | yes | yes | yes | front of stitched configs x placements (preloader on) |
+A lazy registry, like a plugin's: a policy's module is imported on first use.
+``POLICY_NAMES`` lists them in the order of the comparison table; what each one
+allows (adaptive, stitched, partitioned) is tabled in ``docs/placement.md``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""What a policy is, and the two shapes the baselines come in.
+"""What a policy is (``Policy``), and the two shapes the baselines come in.
 
-A ``Policy`` says which plans of a task the runtime may use under an SLO:
-``candidates(space, latency_ms=..., accuracy_floor=...)`` returns them best-first.
-``adaptive`` policies let the scheduler pick one per request among all of them (by
-queue state); static ones always run the first. The flags ``stitched`` (configs may
-mix variants), ``partitioned`` (slots may sit on different processors) and
-``preload`` (the hot-block preloader is on) describe the policy for reports.
-
-Conventions shared by every policy here:
-
-* "Original variant" means a uniform config; its accuracy is the variant's measured
-  accuracy where the space has it (``plan_accuracies``).
-* Adaptive candidates are the Pareto front (latency, accuracy, memory) of the plans
-  the policy allows that meet the floor and the bound, fastest first. Since memory is
-  charged per block, one config on two processors costs the same memory, so the front
-  keeps only its faster placement: adaptivity is across configs, not processors (the
-  joint ``assign`` is where load spreads across processors).
-* When no allowed plan meets both: the fastest plan meeting the floor (it will miss
-  the bound); when none meets the floor, the most accurate plan (fastest among
-  equals). One plan either way; the runtime counts the violation.
+A policy gives the plans of a task the runtime may use under an SLO, best-first
+(``candidates``); an ``adaptive`` one lets the scheduler pick per request. The
+single-variant (SV-*) and any-variant (AV-*, sparseloom) shapes, and the conventions
+they share (fronts, fallbacks when no plan meets the SLO): ``docs/placement.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +14,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from loom.core.errors import ConfigError
-from placement.optimizer import fastest_plans, pareto_plans
+from placement.pareto import fastest_plans, pareto_plans
 from placement.plan import Config, Plan, TaskSpace
 
 
@@ -113,7 +98,7 @@ class SingleVariantPolicy(Policy):
 def front_or_fallback(space: TaskSpace, *, latency_ms: float, accuracy_floor: float,
                       configs: Sequence[Config] | None, one_processor: bool,
                       max_plans: int | None) -> list[Plan]:
-    """The feasible front of the allowed plans, fastest first; else one fallback plan (see module doc)."""
+    """The feasible front of the allowed plans, fastest first; else one fallback plan (``docs/placement.md``)."""
     kw = {"configs": configs, "one_processor": one_processor}
     front = pareto_plans(space, accuracy_floor=accuracy_floor, latency_bound_ms=latency_ms, max_plans=max_plans, **kw)
     if front:

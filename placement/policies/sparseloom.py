@@ -1,7 +1,7 @@
 """sparseloom: any stitched config on any placement (adaptive), hot-block preloader on.
 
 Candidates are ``pareto_plans`` restricted to the floor and bound: exact for config
-spaces up to ``placement.optimizer.CONFIG_LIMIT`` configs, the label DP beyond.
+spaces up to ``placement.pareto.CONFIG_LIMIT`` configs, the label DP beyond.
 """
 
 from __future__ import annotations
