@@ -13,12 +13,14 @@ from loom.serving.metrics import (
     RssSampler,
     busy_seconds,
     load_jsonl,
+    slo_status,
+    summarize,
+)
+from loom.serving.plots import (
     plot_latency_cdf,
     plot_memory,
     plot_timeline,
     plot_violations_by_policy,
-    slo_status,
-    summarize,
 )
 
 

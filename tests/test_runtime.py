@@ -21,8 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from backends.null import NullBackend
 from loom.core.errors import BackendError, ConfigError, RuntimeClosedError, SloUnservableError
 from loom.serving.correction import LatencyCorrector
+from loom.serving.edf import EdfWorker as _EdfWorker
 from loom.serving.metrics import RequestRecord
-from loom.serving.runtime import Runtime, TaskBinding, _EdfWorker
+from loom.serving.runtime import Runtime, TaskBinding
 from placement.plan import Plan
 
 WIDTH = 4

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends import available_backends, get_backend
-from loom.serving.runtime import BlockCache
+from loom.serving.cache import BlockCache
 
 MB = 2**20
 OPTIONS = {"onnxruntime": {"intra_op_threads": 1}, "openvino": {"precision": "f32", "threads": 1}}

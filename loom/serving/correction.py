@@ -1,49 +1,10 @@
 """Online correction of predicted block latencies from what the workers measure.
 
-The optimizer's plans carry *predicted* block latencies (estimators or a profile taken
-at another time). At run time a processor drifts: DVFS, thermal throttling, another
-process on its cores. The SparseLoom paper does not react to that; sparseloom does, by
-correcting every prediction with what the workers measured.
-
-Model (multiplicative, kept in log space so that 2x slower and 2x faster weigh alike):
-
-    corrected_ms = predicted_ms * exp(F[p] + o[b, p])
-
-- ``F[p]``, the **processor factor**: the drift common to every block of processor
-  ``p``, an EWMA (``processor_decay`` per observation) of the log residuals of all its
-  blocks. It is what lets a slowdown seen on the blocks of one plan correct blocks
-  that were never run there yet.
-- ``o[b, p]``, the **block offset**: what is specific to block ``b`` on ``p`` beyond
-  the processor's drift (the estimator's bias for that block), an EWMA with ``decay``
-  per observation of the residual left after ``F[p]``. It learns slower than ``F``
-  (0.9 against 0.7 by default) so that a drift of the whole processor lands mostly in
-  ``F``, where it can be forgotten again (below).
-
-Recovery. A processor that looks slow stops getting traffic, so no measurement would
-ever tell that it has recovered. Therefore ``F[p]`` relaxes toward 0 (a factor of 1)
-with a half-life of ``half_life_s`` seconds *of time without observations on p*:
-``F_eff = F * 0.5 ** ((now - last_observation) / half_life_s)``. While ``p`` is
-avoided its factor shrinks, until a plan through ``p`` looks good enough again to be
-chosen; that request is the probe: its measurement either confirms the recovery (the
-factor stays near 1 and traffic comes back) or puts the factor back up, for another
-half-life. With steady traffic the relaxation between observations is negligible
-(milliseconds against seconds) and the evidence dominates. Block offsets do not relax:
-they model a persistent bias of the prediction, not a drift.
-
-Measured ratios are clamped to ``[1/max_ratio, max_ratio]`` so that one outlier (a GC
-pause, a page fault) cannot swing a factor by more than that.
-
-Which mean (``mean``). ``"arithmetic"`` (the default) averages the ratios, ``"geometric"``
-their logs. They agree for a steady drift (DVFS: every block 1.5x slower). They do not
-for a competing process time-sliced with the worker on its core: most blocks run at
-full speed and some wait out the other process's slice, several times slower. The
-log mean stays near 1 while the processor delivers half its throughput; the
-arithmetic mean sees what the slowdown costs. (Session-2 benchmark: with the log mean
-the plans never left a core shared with a busy loop.)
-
-Thread-safe: workers observe while the scheduler reads. ``enabled=False`` makes it an
-identity (predictions unchanged, observations only counted), the baseline of an
-ablation.
+``corrected_ms = predicted_ms * exp(F[p] + o[b, p])``: a per-processor drift factor ``F``
+(relaxing toward 1 while the processor is not observed, so that an avoided processor
+gets probed again) and a per-(block, processor) offset ``o`` for the estimator's bias,
+both learned online. Thread-safe; ``enabled=False`` makes it an identity (the ablation
+baseline). The model, its means and the measurements behind them: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -100,7 +61,13 @@ class CorrectionView:
 
 
 class LatencyCorrector:
-    """Per (block, processor) and per processor multiplicative correction, learned online."""
+    """Per (block, processor) and per processor multiplicative correction, learned online.
+
+    ``decay`` / ``processor_decay``: EWMA weights per observation of the offsets / the
+    factors; ``half_life_s``: how fast a factor relaxes toward 1 without observations;
+    ``max_ratio``: clamp of one measured ratio; ``mean``: ``"arithmetic"`` (default) or
+    ``"geometric"``; ``relative``: report factors less what all recent processors share.
+    """
 
     def __init__(
         self,

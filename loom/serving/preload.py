@@ -1,35 +1,9 @@
-"""The hot-subgraph preloader: which blocks stay resident within a memory budget.
+"""The hot-subgraph preloader: which (block, processor) pairs stay resident within a memory budget.
 
-A block is resident *on a processor* (an engine's session lives on one device), so
-everything here is keyed by ``(block_id, processor)``.
-
-Hotness. ``HotnessTracker`` counts each pair's uses, decayed exponentially with a
-half-life, so that the figure follows a shifting workload: a block used a lot a minute
-ago and not since cools down. ``count * ln 2 / half_life`` is then a use *rate* (uses
-per second), the same unit as the tasks' request rates the initial set is computed from.
-
-Replaceability. Two blocks used equally often are not equally worth keeping: losing
-one that every candidate plan needs forces a load on the next request, while losing
-one that a nearly as fast plan can do without costs almost nothing (the scheduler,
-which prices loads, just takes the other plan). For each task and pair::
-
-    need      = (candidates of the task using the pair) / (candidates of the task)
-    slowdown  = (best latency without the pair - best latency with it) / best latency with it,
-                clipped to [0, max_slowdown]; max_slowdown when no candidate does without it
-    penalty   = need + slowdown
-
-(the fraction rather than the count of plans, so that tasks with long and short Pareto
-sets weigh alike; a pair several tasks share takes the largest penalty). Then::
-
-    hotness = decayed use rate x (1 + penalty)
-
-Budget. ``Preloader`` picks the initial set greedily by expected hotness per byte
-(the knapsack's classic greedy), and at run time chooses what to evict when a load
-would pass the budget: the coldest pairs that are not protected (the running plan's
-blocks, blocks a worker is running right now). The budget is soft by ``margin_bytes``:
-when protected blocks alone leave no room under the budget, a load may go over it by
-up to the margin; beyond that ``make_room`` reports the shortfall and the caller decides
-(the runtime still loads, so that the request is served, and counts it).
+``HotnessTracker`` keeps each pair's decayed use rate; ``replaceability`` says how much a
+task loses without a pair; ``Preloader`` picks the initial set (greedy by hotness per
+byte) and, before a load, what to evict (coldest first, never a protected pair). The
+decisions are pure: the runtime loads and evicts. Design notes: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -120,7 +94,12 @@ def planned_shares(
 
 
 def replaceability(candidates_by_task: Mapping[str, Sequence[Plan]], max_slowdown: float = 4.0) -> dict[Key, float]:
-    """The penalty of every pair the candidates use (see the module's formula)."""
+    """The penalty of every pair the candidates use: ``need + slowdown``, the largest over tasks.
+
+    Per task: ``need`` = the fraction of its candidates using the pair; ``slowdown`` =
+    (best latency without the pair - best with it) / best with it, clipped to
+    ``[0, max_slowdown]`` (``max_slowdown`` when no candidate does without it).
+    """
     out: dict[Key, float] = {}
     for plans in candidates_by_task.values():
         if not plans:
@@ -142,6 +121,10 @@ def replaceability(candidates_by_task: Mapping[str, Sequence[Plan]], max_slowdow
 
 class Preloader:
     """Keeps the hottest (block, processor) pairs resident within ``budget_bytes``.
+
+    Hotness = decayed use rate x (1 + replaceability penalty). The budget is soft by
+    ``margin_bytes``: when protected pairs alone fill it, a load may go over by up to
+    the margin; beyond that ``make_room`` reports the shortfall (the runtime still loads).
 
     The decisions are pure (no loading here): the runtime asks which pairs to load at
     start (``initial_set``) and which to evict before a load (``make_room``,
@@ -298,7 +281,7 @@ class Preloader:
     def prefetch_hint(self, plans: Iterable[Plan], resident: Iterable[Key] = (), now_s: float = 0.0) -> list[Key]:
         """Pairs of ``plans`` not resident, hottest first: what to load when a worker idles.
 
-        The runtime loads from it when a worker idles (``Runtime._maybe_prefetch``).
+        The runtime loads from it when a worker idles (``WorkerPool.maybe_prefetch``).
         """
         have = set(resident)
         want = list(dict.fromkeys(k for p in plans for k in plan_keys(p) if k not in have))

@@ -1,53 +1,10 @@
 """The per-request choice of a plan, from the task's candidates and the processors' backlogs.
 
-The optimizer hands each task a list of candidate plans (a Pareto set, or a single
-plan for the fixed-plan baselines). For every request the scheduler predicts, for each
-candidate, when it would finish if admitted now: walking the plan's segments (runs of
-consecutive slots on one processor), a segment starts when both its input is ready and
-its processor is free, and lasts the sum of its blocks' *corrected* predicted
-latencies (``loom.serving.correction``); a hand-off between processors adds the plan's
-``transfer_ms``; the first processor's dispatch cost comes first.
-
-When a processor is free comes from the **reservations**: admitting a request reserves
-each of its segments' corrected ms on its processor, a worker marks a reservation
-started when the job begins and finished when it ends. Workers run their queue
-earliest deadline first, so a new request waits only for the running job and for the
-reservations that would run before it (earlier deadline, or equal deadline and not
-lower priority): ``free_at`` counts exactly those. A reservation for a later segment
-counts on its processor from admission on, although its job is queued there only when
-the earlier segment is done: a conservative estimate (the processor may idle
-meanwhile), never an optimistic one.
-
-The rule (adaptive policies): among the candidates that meet the accuracy floor and are
-predicted to finish by the deadline, take the one with the **least total corrected busy
-time** (ties: earliest predicted finish, then the candidates' order). Why this and not
-the earliest finish: every candidate of that set already meets this request's SLO, so
-finishing earlier buys this request nothing, while processor time is what the *other*
-requests, of this task and of the others, need; spending the least of it keeps the
-most capacity for them, and the deadline check already keeps this request safe. It is
-the work-conserving choice under load: the fastest processor for a block fills first,
-and work spills to slower ones only when the fast one's backlog would break a deadline.
-
-When no candidate is feasible, ``on_unservable`` decides: ``"violate"`` runs the
-candidate with the earliest predicted finish among those meeting the floor (the most
-accurate one when none meets it), marked infeasible, so the violation is as small as
-the plans allow; ``"reject"`` refuses the request (plan ``None``) so that it costs no
-processor time. Non-adaptive policies always take ``candidates[0]``; its feasibility is
-still predicted, and ``"reject"`` applies to it as well: rejecting is an admission rule
-of the runtime, not a choice of plan, and applying it to every policy keeps
-comparisons fair.
-
-Residency (optional, ``resident`` and ``load_ms``): a block that is not resident on
-its processor is loaded on demand inside the request's job, so its predicted load
-time is added to that segment (its finish and its busy time, hence its reservation).
-Plans whose blocks are resident then win whenever a load would break the deadline,
-and, among feasible plans, unless the load is cheaper than the busy time it saves.
-Without them every block counts as resident (the behaviour before the preloader).
-
-Cost: one lock-free snapshot of the corrector per decision; a task's candidate list is
-turned into arrays once (``_Table``) and each decision is then k vector steps over all
-candidates: about 0.2 ms for 300 candidates on the 2-core development machine (short
-lists take a plain loop, which is as fast there).
+For each candidate the scheduler predicts when it would finish if admitted now (corrected
+block latencies, hand-offs, what is reserved ahead of it under EDF, loads when blocks are
+not resident) and takes, among those meeting the accuracy floor and the deadline, the one
+with the least busy time; ``admit`` reserves its segments. The rule and the measured facts
+behind it: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -62,6 +19,14 @@ import numpy as np
 
 from loom.core.errors import ConfigError
 from loom.serving.correction import CorrectionView, LatencyCorrector
+from loom.serving.pricing import (
+    VECTOR_MIN,
+    CandidateTable,
+    Priced,
+    Static,
+    dispatch_ms,
+    plan_structure,
+)
 from placement.plan import Plan
 
 __all__ = ["ON_UNSERVABLE", "Decision", "Reservation", "Scheduler", "dispatch_ms", "processor_set"]
@@ -98,91 +63,9 @@ class Reservation:
         return max(0.0, self.ms - (now_s - self.started_s) * 1e3)
 
 
-def dispatch_ms(plan: Plan) -> float:
-    """The part of a plan's predicted latency that is neither blocks nor hand-offs."""
-    return max(0.0, plan.latency_ms - sum(plan.block_ms) - sum(plan.transfer_ms))
-
-
-@dataclass
-class _Priced:
-    index: int
-    plan: Plan
-    finish_s: float
-    busy_ms: float
-    segment_ms: tuple[float, ...]
-
-
-#: a plan's fixed structure, priced once: (dispatch s, ((processor, hand-off s before, ((pair, ms), ...)), ...))
-_Static = tuple[float, tuple[tuple[str, float, tuple[tuple[tuple[str, str], float], ...]], ...]]
-
-
-def _static(plan: Plan) -> _Static:
-    segs = []
-    prev: int | None = None
-    for proc, slots in plan.segments():
-        hand_off = plan.transfer_ms[prev] / 1e3 if prev is not None and prev < len(plan.transfer_ms) else 0.0
-        segs.append((proc, hand_off, tuple(((plan.block_ids[s], proc), plan.block_ms[s]) for s in slots)))
-        prev = slots[-1]
-    return dispatch_ms(plan) / 1e3, tuple(segs)
-
-
-class _Table:
-    """A candidate list as arrays, built once per list: a decision is then k vector steps.
-
-    Slot by slot, ``ready = max(ready + hand-off, free[processor]) + corrected ms`` is the
-    segment walk: inside a segment ``ready`` is already past the processor's free time,
-    so taking the max at every slot changes nothing.
-    """
-
-    def __init__(self, plans: Sequence[Plan]) -> None:
-        self.plans = list(plans)
-        n, k = len(plans), plans[0].k
-        self.procs: list[str] = []
-        self.pairs: list[tuple[str, str]] = []
-        proc_ix: dict[str, int] = {}
-        pair_ix: dict[tuple[str, str], int] = {}
-        self.accuracy = np.array([p.accuracy for p in plans], dtype=np.float64)
-        self.dispatch_s = np.array([dispatch_ms(p) / 1e3 for p in plans], dtype=np.float64)
-        self.ms = np.zeros((n, k))
-        self.hand_off_s = np.zeros((n, k))
-        self.proc = np.zeros((n, k), dtype=np.intp)
-        self.pair = np.zeros((n, k), dtype=np.intp)
-        for i, plan in enumerate(plans):
-            for s, (b, proc) in enumerate(zip(plan.block_ids, plan.placement, strict=True)):
-                self.proc[i, s] = proc_ix.setdefault(proc, len(proc_ix))
-                self.pair[i, s] = pair_ix.setdefault((b, proc), len(pair_ix))
-                self.ms[i, s] = plan.block_ms[s]
-                if s and plan.placement[s - 1] != proc and s - 1 < len(plan.transfer_ms):
-                    self.hand_off_s[i, s] = plan.transfer_ms[s - 1] / 1e3
-        self.procs = list(proc_ix)
-        self.pairs = list(pair_ix)
-
-    def matches(self, plans: Sequence[Plan]) -> bool:
-        return len(plans) == len(self.plans) and all(a is b for a, b in zip(plans, self.plans, strict=True))
-
-    def price(
-        self, now_s: float, free: dict[str, float], view: CorrectionView,
-        load_ms: Callable[[str, str], float] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted finish (s) and corrected busy ms of every candidate (loads included)."""
-        mult = np.array([view.multiplier(b, p) for b, p in self.pairs]) if view.enabled else None
-        cms = self.ms * mult[self.pair] if mult is not None else self.ms
-        if load_ms is not None:
-            cms = cms + np.array([load_ms(b, p) for b, p in self.pairs])[self.pair]
-        free_v = np.array([free.get(p, now_s) for p in self.procs])
-        ready = now_s + self.dispatch_s
-        for s in range(self.ms.shape[1]):
-            ready = np.maximum(ready + self.hand_off_s[:, s], free_v[self.proc[:, s]]) + cms[:, s] / 1e3
-        return ready, cms.sum(axis=1)
-
-
 def processor_set(plan: Plan) -> tuple[str, ...]:
     """What a plan's residual is learned by: the processors it uses (few keys, each well observed)."""
     return tuple(sorted(set(plan.placement)))
-
-
-#: below this many candidates a plain loop is as fast as the arrays
-_VECTOR_MIN = 24
 
 
 class Scheduler:
@@ -202,16 +85,16 @@ class Scheduler:
         self.corrector = corrector
         self.on_unservable = on_unservable
         #: (block, processor) -> is it loaded there; with ``load_ms``, the predicted ms of
-        #: loading it (see the module's note on residency). Either missing: no load priced.
+        #: loading it (docs/serving.md, "Residency"). Either missing: no load priced.
         self.resident = resident
         self.load_ms = load_ms
         self._load: Callable[[str, str], float] | None = None
         self._lock = threading.Lock()
         self._reservations: dict[str, dict[int, Reservation]] = {p: {} for p in processors}
         self._ids = itertools.count()
-        self._static: dict[int, tuple[Plan, _Static]] = {}
+        self._static: dict[int, tuple[Plan, Static]] = {}
         #: id(candidate list) -> its arrays (a task's list lives until set_candidates)
-        self._tables: dict[int, _Table] = {}
+        self._tables: dict[int, CandidateTable] = {}
         #: task -> {(config, placement): share} from the joint assignment, and how often
         #: each was chosen since (see ``set_mix``)
         self._mix: dict[str, dict[tuple[tuple[str, ...], tuple[str, ...]], float]] = {}
@@ -230,13 +113,9 @@ class Scheduler:
     def observe_completion(self, plan: Plan, predicted_finish_s: float, end_s: float) -> None:
         """Learn how much later than predicted requests on ``plan``'s processors end.
 
-        Block latencies are corrected one by one (``loom.serving.correction``); the rest of a
-        request's way is not: the engine waking after an idle spell, the Python around
-        each hand-off, a worker preempted by the threads that submit. On the host,
-        a text request on the OpenVINO core took 4.4 ms for 1.5 ms predicted while
-        its blocks alone ran close to their prediction. The mean residual per processor
-        set (exponentially weighted, ``residual_alpha``) is what ``residual_ms`` gives the
-        planner, which adds it to the plans' latencies when it re-plans.
+        What the per-block correction misses (wake-ups, hand-off overhead, preemption):
+        an exponentially weighted mean per processor set (``residual_alpha``), which
+        ``residual_ms`` gives the planner. Why: docs/serving.md, "Residuals".
         """
         key = processor_set(plan)
         err = end_s - predicted_finish_s
@@ -258,19 +137,10 @@ class Scheduler:
         """Steer an adaptive task toward the joint assignment's mix of plans.
 
         ``shares``: (config, placement) -> share of the task's requests, from
-        ``placement.optimizer.assign`` at the tasks' rates (the caller re-solves it when
-        rates or corrected latencies move). Why: the greedy per-request rule (least busy
-        time) fills the fastest processor first and spills only when the model predicts
-        a missed deadline. On the host that put every task on onnxruntime's core, where
-        image-cls's 6 ms blocks held up the 3 ms-bound small tasks (workers do not
-        preempt), while predictions made optimistic by the load said all was well: 33%
-        violations against 12% for the static split. The LP balances all tasks at once.
-
-        With a mix, a request takes the mix plan furthest behind its share (deficit
-        round robin) among those meeting the floor and predicted on time; when none is
-        on time, still the one furthest behind (the plan stays the plan: a spill to a
-        plan off the mix lands on the processor the LP kept free for another task).
-        ``None`` removes the mix: the greedy rule applies again.
+        ``placement.optimizer.assign`` at the tasks' rates. A request takes the mix plan
+        furthest behind its share (deficit round robin) among those meeting the floor and
+        predicted on time; when none is on time, the full rule decides. ``None`` removes
+        the mix. Why: docs/serving.md, "The planned mix".
         """
         with self._lock:
             if shares:
@@ -304,23 +174,11 @@ class Scheduler:
     def observe_wake(self, processor: str, delay_s: float, now_s: float) -> None:
         """An idle worker of ``processor`` started a job ``delay_s`` after it was handed over.
 
-        What a competing process on the worker's core costs shows here, not in the
-        blocks: the kernel lets the woken worker run its block at full speed, but now
-        and then it first waits out the other process's time slice (measured on the
-        host with a busy loop pinned to core 0: the p90 of submit-to-first-block went
-        from 0.9 to 3.7 ms, block times unchanged). A high quantile (``wake_quantile``)
-        is tracked per processor by stochastic approximation (steps of
-        ``wake_step_s``), relaxed toward 0 with ``wake_half_life_s`` of no
-        observations, so a processor avoided for being slow to wake gets probed again;
-        with ``wake_aware`` an idle processor's free time is pushed back by it
-        (``free_at``). Only with an enabled corrector: it is part of the online correction.
-
-        ``wake_aware`` is off by default. Measured on the host (175 requests/s, a busy
-        loop on core 0 for 6 s): it moved the load off core 0 (share 95% -> 12%) and back
-        after, but violations during the contention rose from 23% to 55%: the only other
-        processor runs these blocks 2-5x slower and shares its core with the runtime's
-        own threads. Where the alternative is not that much slower (an SoC's GPU or
-        NPU), it is the signal to act on; the tracking always runs (``wake_ms``).
+        Tracks a high quantile (``wake_quantile``) of these delays per processor by
+        stochastic approximation (steps of ``wake_step_s``), relaxed toward 0 with
+        ``wake_half_life_s`` of no observations; with ``wake_aware`` (off by default) an
+        idle processor's free time is pushed back by it. Only with an enabled corrector.
+        Why, and why off: docs/serving.md, "Wake-up delays".
         """
         if self.corrector is None or not self.corrector.enabled or not math.isfinite(delay_s):
             return
@@ -370,7 +228,7 @@ class Scheduler:
     def _view(self, now_s: float) -> CorrectionView:
         return self.corrector.view(now_s) if self.corrector is not None else CorrectionView(False)
 
-    def _structure(self, plan: Plan) -> _Static:
+    def _structure(self, plan: Plan) -> Static:
         # keyed by id() (hashing a Plan hashes all its tuples); the plan is kept alongside
         # so that its id cannot be reused by another object while the entry lives
         hit = self._static.get(id(plan))
@@ -378,7 +236,7 @@ class Scheduler:
             return hit[1]
         if len(self._static) > 50_000:  # candidates replaced many times over: start afresh
             self._static.clear()
-        st = _static(plan)
+        st = plan_structure(plan)
         self._static[id(plan)] = (plan, st)
         return st
 
@@ -392,7 +250,7 @@ class Scheduler:
         memo: dict[tuple[str, str], float],
         *,
         detail: bool = True,
-    ) -> _Priced:
+    ) -> Priced:
         """Predicted finish and corrected busy time of ``plan`` if admitted at ``now_s``.
 
         The hot loop of a decision: plain floats and dict lookups only.
@@ -420,7 +278,7 @@ class Scheduler:
             busy += ms
             if detail:
                 seg_ms.append(ms)
-        return _Priced(index, plan, ready, busy, tuple(seg_ms))
+        return Priced(index, plan, ready, busy, tuple(seg_ms))
 
     def choose(
         self,
@@ -433,7 +291,7 @@ class Scheduler:
         adaptive: bool,
         priority: float = 0.0,
     ) -> Decision:
-        """The plan for one request of ``task`` arriving at ``now_s`` (see the module's rule)."""
+        """The plan for one request of ``task`` arriving at ``now_s`` (docs/serving.md, "The rule")."""
         with self._lock:
             return self._choose(task, candidates, now_s, deadline_s, accuracy_floor, adaptive, priority)
 
@@ -503,7 +361,7 @@ class Scheduler:
     ) -> Decision | None:
         chosen = self._chosen.setdefault(task, {})
         total = sum(chosen.values()) + 1
-        best: tuple[float, float, float, _Priced] | None = None
+        best: tuple[float, float, float, Priced] | None = None
         load = self._load
         for i, p in enumerate(candidates):
             share = mix.get((p.config, p.placement))
@@ -544,13 +402,13 @@ class Scheduler:
         Also the numbers meeting the floor and feasible, for the decision's reason.
         """
         k = candidates[0].k
-        if len(candidates) < _VECTOR_MIN or any(p.k != k for p in candidates):
+        if len(candidates) < VECTOR_MIN or any(p.k != k for p in candidates):
             return self._best_loop(candidates, now_s, deadline_s, floor, free, view, memo)
         table = self._tables.get(id(candidates))
         if table is None or not table.matches(candidates):
             if len(self._tables) > 256:
                 self._tables.clear()
-            table = self._tables[id(candidates)] = _Table(candidates)
+            table = self._tables[id(candidates)] = CandidateTable(candidates)
         finish, busy = table.price(now_s, free, view, self._load)
         accurate = table.accuracy >= floor
         feasible = accurate & (finish <= deadline_s)
@@ -579,7 +437,7 @@ class Scheduler:
         """``_best`` one plan at a time: for short lists, and the reference of the arrays."""
         best_key: tuple[float, float] | None = None
         best: int | None = None
-        earliest: _Priced | None = None
+        earliest: Priced | None = None
         n_acc = n_feas = 0
         for i, p in enumerate(candidates):
             if p.accuracy < floor:

@@ -1,0 +1,104 @@
+"""What the runtime serves: a task's binding, a request in flight, and the records they leave.
+
+``TaskBinding`` is a task as the runtime is given it (candidates, block files, SLO);
+``Request`` is one admitted request while it runs; both turn into ``RequestRecord``s
+(``loom.serving.metrics``) when they end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loom.core.errors import ConfigError
+from loom.serving.metrics import RequestRecord, Status
+from loom.serving.scheduler import Decision, Reservation
+from placement.plan import Plan
+
+__all__ = ["Request", "TaskBinding", "rejected_record"]
+
+
+@dataclass(frozen=True)
+class TaskBinding:
+    """A task as the runtime serves it: its candidate plans, where its blocks are, its SLO."""
+
+    task: str
+    #: plans to choose from; non-adaptive policies always run the first
+    candidates: list[Plan]
+    #: block id -> ONNX file of the block
+    block_paths: Mapping[str, Path]
+    latency_ms: float
+    accuracy_floor: float
+    #: breaks ties between equal deadlines in the workers' queues (higher first)
+    priority: float = 0
+    #: resolve futures to this output only (None: the dict of the last block's outputs)
+    output_name: str | None = None
+
+    def check(self, processors: Sequence[str], paths: Mapping[str, Path]) -> None:
+        """``ConfigError`` unless its SLO is sane and every candidate is for this task, on
+        known ``processors``, with a file for every block (here or in ``paths``)."""
+        plans = self.candidates
+        if not plans:
+            raise ConfigError(f"runtime: task {self.task!r} has no candidate plans")
+        if not self.latency_ms > 0 or not 0.0 <= self.accuracy_floor <= 1.0:
+            raise ConfigError(
+                f"runtime: task {self.task!r}: latency_ms must be > 0 and accuracy_floor in [0, 1], "
+                f"got {self.latency_ms} and {self.accuracy_floor}"
+            )
+        known = {**paths, **self.block_paths}
+        for i, plan in enumerate(plans):
+            where = f"runtime: task {self.task!r}, candidate {i} {list(plan.config)} on {list(plan.placement)}"
+            if plan.task != self.task:
+                raise ConfigError(f"{where}: the plan is for task {plan.task!r}")
+            unknown = sorted({p for p in plan.placement if p not in processors})
+            if unknown:
+                raise ConfigError(f"{where}: unknown processor(s) {unknown} (have {list(processors)})")
+            missing = sorted({b for b in plan.block_ids if b not in known})
+            if missing:
+                raise ConfigError(f"{where}: no file given for block(s) {missing}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One admitted request, from ``submit`` until it ends (once, under the runtime's lock)."""
+
+    id: int
+    binding: TaskBinding
+    decision: Decision
+    plan: Plan
+    segments: list[tuple[str, list[int]]]
+    reservations: list[Reservation]
+    arrival_s: float
+    deadline_s: float
+    bound_ms: float
+    floor: float
+    future: Future
+    seq: int
+    spans: list[tuple[str, str, float, float]] = field(default_factory=list)
+    start_s: float | None = None
+    #: set once, under the runtime's lock, by whoever ends the request
+    ended: bool = False
+
+    def record(
+        self, policy: str, end_s: float, status: Status, below_floor: bool, error: BaseException | None
+    ) -> RequestRecord:
+        """Its record, ending at ``end_s`` with ``status`` (``error``: why it failed)."""
+        return RequestRecord(
+            id=self.id, task=self.binding.task, policy=policy, arrival_s=self.arrival_s,
+            start_s=self.start_s, end_s=end_s, latency_ms=(end_s - self.arrival_s) * 1e3,
+            latency_bound_ms=self.bound_ms, accuracy_floor=self.floor, plan_accuracy=self.plan.accuracy,
+            config=self.plan.config, placement=self.plan.placement, status=status, below_floor=below_floor,
+            error=None if error is None else f"{type(error).__name__}: {error}", spans=list(self.spans),
+        )
+
+
+def rejected_record(rid: int, binding: TaskBinding, policy: str, arrival_s: float, bound_ms: float,
+                    reason: str) -> RequestRecord:
+    """The record of a request no plan could serve (``on_unservable="reject"``)."""
+    return RequestRecord(
+        id=rid, task=binding.task, policy=policy, arrival_s=arrival_s, start_s=None, end_s=None,
+        latency_ms=None, latency_bound_ms=bound_ms, accuracy_floor=binding.accuracy_floor, status="rejected",
+        error=reason,
+    )
