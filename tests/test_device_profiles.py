@@ -142,7 +142,7 @@ def test_characteristics_are_optional_and_feed_the_estimator_options(tmp_path):
 def test_characteristics_are_not_part_of_the_fingerprint():
     """Datasheet figures are not settings of anything measured: editing them must not
     invalidate a profile dataset."""
-    from loom.profiling.profile import fingerprint_id, hardware_fingerprint
+    from loom.profiling.fingerprint import fingerprint_id, hardware_fingerprint
 
     a = parse_device_profile(_with({"peak_gops": {"fp16": 1}}), source="a")
     b = parse_device_profile(_with({"peak_gops": {"fp16": 2}}), source="b")

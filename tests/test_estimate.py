@@ -12,6 +12,7 @@ from test_profile import FAST, device_yaml
 
 from loom.core.errors import ConfigError
 from loom.processors.device import load_device_profile
+from loom.profiling.dataset import load_profile_dataset
 from loom.profiling.fitting import (
     Estimates,
     EstimatesError,
@@ -20,7 +21,7 @@ from loom.profiling.fitting import (
     latency_rows,
     sample_accuracy,
 )
-from loom.profiling.profile import load_profile_dataset, profile_device
+from loom.profiling.profile import profile_device
 
 
 @pytest.fixture(scope="module")

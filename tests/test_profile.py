@@ -15,15 +15,15 @@ import yaml
 import loom.profiling.profile as prof
 from loom.core.errors import ProfileMismatchError
 from loom.processors.device import load_device_profile
-from loom.profiling.profile import (
+from loom.profiling.chains import sample_placed_configs
+from loom.profiling.dataset import (
     BLOCK_COLUMNS,
     CONFIG_COLUMNS,
     ProfileDataError,
-    calibrate_links,
     load_profile_dataset,
-    profile_device,
-    sample_placed_configs,
 )
+from loom.profiling.links import calibrate_links, segments_of
+from loom.profiling.profile import profile_device
 
 CORE_B = 1 if (os.cpu_count() or 1) > 1 else 0
 #: small settings: the point is the bookkeeping, not the precision
@@ -250,7 +250,7 @@ def test_link_calibration_recovers_known_costs(device):
     rows = []
     for _ in range(80):
         placement = [str(p) for p in rng.choice(["cpu", "npu"], size=3)]
-        segs = prof.segments_of(placement)
+        segs = segments_of(placement)
         nbytes = [int(b) for b in rng.integers(10_000, 2_000_000, size=len(segs) - 1)]
         slots = [s for s in range(1, 3) if placement[s] != placement[s - 1]]
         transfers = ";".join(f"{placement[s - 1]}>{placement[s]}@{s}={b}" for s, b in zip(slots, nbytes, strict=True))

@@ -1,23 +1,9 @@
 """Device profiles: a machine's processors, their backends and options, and the links between them.
 
-A device profile is a YAML file under ``profiles/`` (``profiles/host.yaml`` is this
-machine). Each processor names a backend of the registry and the keyword options its
-constructor takes; each link gives the cost of handing activations from one processor
-to another. The profiler measures blocks on the processors, the optimizer prices
-placements with the links, the runtime starts one worker per processor.
-
-Validation reports every problem of a file at once, each as ``field.path: why``,
-schema problems (pydantic) and cross-field ones (a link naming an unknown processor,
-an option the backend does not take) together, in one ``ConfigError``.
-
-Units: ``bandwidth_gbps`` is gigaBYTES per second (1e9 bytes/s), the unit SoC memory
-buses and interconnects are quoted in; ``latency_us`` is the fixed cost of one
-hand-off, in microseconds.
-
-A processor may carry ``characteristics``: datasheet figures (peak throughput per
-precision, memory bandwidth, launch cost) for what cannot be measured on this machine.
-The simulator and the latency estimator's processor features read them; nothing that
-runs blocks does, and they are no part of a profile's hardware fingerprint.
+A profile is a YAML file under ``profiles/`` (``profiles/host.yaml`` is this machine),
+validated here with every problem of a file reported at once, each as ``field.path: why``.
+Units: ``bandwidth_gbps`` is gigaBYTES per second (1e9 bytes/s), ``latency_us`` the fixed
+cost of one hand-off in microseconds. The schema and its reasoning: ``docs/devices.md``.
 """
 
 from __future__ import annotations
@@ -153,6 +139,8 @@ class Link(Strict):
 
 
 class DeviceProfile(Strict):
+    """A machine: its processors (at least one) and the links between them."""
+
     schema_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""

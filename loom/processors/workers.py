@@ -1,18 +1,9 @@
 """One worker thread per processor, and chains of blocks placed across processors.
 
-Why a thread per processor: with one compute thread, onnxruntime and OpenVINO run
-every kernel on the thread that calls ``run`` (see ``Backend.pin_current_thread``), so
-a processor *is* a thread pinned to its cores. Loads happen on that thread too, so
-whatever an engine starts while compiling inherits the pin. Python threads suffice:
-the engines release the GIL while they compute (PROBE.md: two sessions from two
-threads reach 1.7-1.9x the throughput of one).
-
-``PlacedChain`` runs a stitched config with one processor per slot. Consecutive slots
-on the same processor run as one job (no hand-off between them); at a change of
-processor the finishing worker hands the activations straight to the next worker's
-queue, so a chain pays one thread hand-off per processor boundary plus the caller's
-submit and wait, which is exactly what a device profile's links and the profiler's
-link calibration price.
+A ``Worker`` is a processor's thread, pinned to its cores, running jobs (loads, runs)
+from its own queue; a ``WorkerPool`` holds a device's workers. A ``PlacedChain`` runs a
+stitched config with one processor per slot, handing activations from worker to worker.
+Why a thread per processor, and what a chain pays: ``docs/devices.md``.
 """
 
 from __future__ import annotations
@@ -259,12 +250,24 @@ class PlacedChain:
         self.workers = workers
         self.block_ids = [partition.variants[v][s] for s, v in enumerate(self.config)]
         shared: Resident = resident if resident is not None else {}
+        loaded = self._load_missing(shared, resident)
+        shared.update(loaded)
+        #: blocks this chain releases on close (none when a shared map owns them)
+        self._owned: list[tuple[str, LoadedBlock]] = (
+            [(proc, block) for (proc, _), block in loaded.items()] if resident is None else []
+        )
+        self.segments = self._segments(shared)
+        self.output_names = list(self.segments[-1].blocks[-1].output_names)
+
+    def _load_missing(self, shared: Resident, resident: Resident | None) -> Resident:
+        """Load the chain's blocks not in ``shared``, all at once (each processor loads its
+        own in parallel). When one fails, the others are released (or left in ``resident``
+        for its owner to release) and the failure is raised."""
         pending: dict[tuple[str, str], Future[LoadedBlock]] = {}
         for proc, bid in zip(self.placement, self.block_ids, strict=True):
             key = (proc, bid)
             if key not in shared and key not in pending:
-                # all loads start at once: each processor loads its blocks in parallel
-                pending[key] = workers[proc].load(partition.block_path(bid), block_id=bid)
+                pending[key] = self.workers[proc].load(self.partition.block_path(bid), block_id=bid)
         loaded: Resident = {}
         failure: BaseException | None = None
         for key, fut in pending.items():
@@ -277,24 +280,23 @@ class PlacedChain:
                 if resident is not None:
                     resident[key] = block
                 else:
-                    workers[key[0]].release(block).result()
+                    self.workers[key[0]].release(block).result()
             raise failure
-        shared.update(loaded)
-        #: blocks this chain releases on close (none when a shared map owns them)
-        self._owned: list[tuple[str, LoadedBlock]] = (
-            [(proc, block) for (proc, _), block in loaded.items()] if resident is None else []
-        )
-        self.segments: list[Segment] = []
+        return loaded
+
+    def _segments(self, blocks: Resident) -> list[Segment]:
+        """Consecutive slots on one processor grouped, each with the tensors handed to it."""
+        segments: list[Segment] = []
         for s, (proc, bid) in enumerate(zip(self.placement, self.block_ids, strict=True)):
-            block = shared[(proc, bid)]
-            if not self.segments or self.segments[-1].processor != proc:
-                self.segments.append(Segment(proc, [], [], []))
-            seg = self.segments[-1]
+            block = blocks[(proc, bid)]
+            if not segments or segments[-1].processor != proc:
+                segments.append(Segment(proc, [], [], []))
+            seg = segments[-1]
             made = {o for b in seg.blocks for o in b.output_names}
             seg.reads += [n for n in block.input_names if n not in made and n not in seg.reads]
             seg.slots.append(s)
             seg.blocks.append(block)
-        self.output_names = list(self.segments[-1].blocks[-1].output_names)
+        return segments
 
     # -- running ----------------------------------------------------------------------------
     def submit(self, feeds: Feeds, *, keep_all: bool = False) -> Future[dict[str, np.ndarray]]:

@@ -1,20 +1,10 @@
-"""The estimators applied to loom's artifacts: profile datasets, partitions, families.
+"""``loom fit``: the estimators fitted on loom's artifacts, bundled as ``Estimates``.
 
-``estimators/`` knows features, boosters and sampling; this module knows where the
-numbers come from. It builds the latency estimator's rows from a profile dataset
-(``loom profile``), measures the accuracy of a small, chosen sample of stitched configs
-(``evaluate_configs``), and bundles the fitted models of one device and its tasks as
-``Estimates``: a folder of XGBoost JSON files plus the small JSON tables they need at
-prediction time (cut compatibilities, variant facts, the link model), so that
-``loom predict`` and the optimizer run without the profile dataset.
-
-Folder layout (``Estimates.save``)::
-
-    estimates.json                 device, fingerprint, tasks -> partition, what was measured
-    latency.json / latency.meta.json     LatencyEstimator (XGBoost JSON + metadata)
-    links.json                     LinkModel (hand-offs, dispatch cost)
-    tasks/<task>/accuracy.json (+ .meta.json)   AccuracyEstimator
-    tasks/<task>/compat.json       cut compatibilities (no labels needed to recompute)
+The latency estimator learns from a profile dataset's block rows; one accuracy
+estimator per task learns from a small, chosen sample of measured stitched configs.
+``Estimates`` holds them with the small tables they need at prediction time, saved as
+a folder that ``loom predict`` and the optimizer read without the dataset (layout in
+``docs/profiling.md``).
 """
 
 from __future__ import annotations
@@ -38,8 +28,9 @@ from estimators.accuracy import (
     cut_compatibility,
 )
 from estimators.features import block_features, latency_row, processor_features
-from estimators.latency import LatencyEstimator, LinkModel, latency_table, plan_latency
+from estimators.latency import LatencyEstimator
 from estimators.persist import load_estimator, save_estimator
+from estimators.plans import LinkModel, latency_table, plan_latency
 from estimators.sampling import (
     Config,
     active_sample,
@@ -54,7 +45,13 @@ from loom.model.partition import Partition, load_partition
 from loom.model.signals import cut_activations
 from loom.model.stitch import evaluate_configs
 from loom.processors.device import DeviceProfile
-from loom.profiling.profile import ProfileDataset, partition_ref, resolve_partition_ref
+from loom.profiling.dataset import (
+    BLOCKS_CSV,
+    CONFIGS_CSV,
+    ProfileDataset,
+    partition_ref,
+    resolve_partition_ref,
+)
 
 STRATEGIES = ("active", "stratified", "random")
 ESTIMATES_FILE = "estimates.json"
@@ -84,6 +81,7 @@ def partition_features(partition: Partition) -> dict[str, dict[str, float]]:
 
 
 def processor_rows(device: DeviceProfile) -> dict[str, dict[str, float]]:
+    """The latency estimator's features of each processor of the device, by name."""
     return {p.name: processor_features(p.kind, p.backend, p.options) for p in device.processors}
 
 
@@ -99,6 +97,8 @@ class LatencyRows:
 
 
 def latency_rows(data: ProfileDataset, device: DeviceProfile) -> LatencyRows:
+    """Features and median latency of each ``ok`` block row; ``ConfigError`` when a row names a
+    processor the device lacks or a block its partition no longer has."""
     procs = processor_rows(device)
     feats: dict[str, dict[str, dict[str, float]]] = {}
     out = LatencyRows([], np.zeros(0), [], [], [])
@@ -183,14 +183,7 @@ def sample_accuracy(
     names = list(partition.variants)
     info = {v.name: v for v in family.variants}
     known = {tuple([v] * partition.k): float(info[v].accuracy) for v in names}
-    say = progress or (lambda _m: None)
-    sessions: dict[str, object] = {}  # blocks stay loaded across the rounds of active sampling
-
-    def measure(configs: list[Config]) -> list[float]:
-        say(f"{partition.task}: measuring {len(configs)} configs")
-        acc = evaluate_configs(partition, configs, family, sessions=sessions)
-        return [acc[tuple(c)] for c in configs]
-
+    measure = _accuracy_meter(partition, family, progress or (lambda _m: None))
     t0 = time.perf_counter()
     stitched = [c for c in config_space(names, partition.k) if len(set(c)) > 1]
     if strategy == "active":
@@ -208,9 +201,24 @@ def sample_accuracy(
     return AccuracySample(measured=measured, known=known, strategy=strategy, seconds=time.perf_counter() - t0)
 
 
+def _accuracy_meter(partition: Partition, family: Family,
+                    say: Callable[[str], None]) -> Callable[[list[Config]], list[float]]:
+    """A function measuring the accuracy of configs, its blocks kept loaded between calls
+    (the rounds of active sampling measure configs made of the same blocks)."""
+    sessions: dict[str, object] = {}
+
+    def measure(configs: list[Config]) -> list[float]:
+        say(f"{partition.task}: measuring {len(configs)} configs")
+        acc = evaluate_configs(partition, configs, family, sessions=sessions)
+        return [acc[tuple(c)] for c in configs]
+
+    return measure
+
+
 def fit_accuracy(
     family: Family, sample: AccuracySample, compat: Compatibility, *, random_state: int = 0
 ) -> AccuracyEstimator:
+    """An accuracy estimator fitted on the sample's measured and uniform configs."""
     info = {v.name: v for v in family.variants}
     train = {**sample.known, **sample.measured}
     rows = [config_features(c, info, compat) for c in train]
@@ -220,6 +228,8 @@ def fit_accuracy(
 # -- the bundle --------------------------------------------------------------------------------
 @dataclass
 class TaskEstimates:
+    """One task's side of ``Estimates``: its partition, accuracy estimator and the facts it reads."""
+
     task: str
     partition: Partition
     accuracy: AccuracyEstimator
@@ -302,22 +312,23 @@ class Estimates:
         folder.mkdir(parents=True, exist_ok=True)
         save_estimator(self.latency, folder / "latency.json", fingerprint=self.fingerprint, notes=self.notes.get("latency"))
         (folder / "links.json").write_text(self.links.to_json() + "\n")
-        tasks = {}
-        for name, te in self.tasks.items():
-            tdir = folder / "tasks" / name
-            tdir.mkdir(parents=True, exist_ok=True)
-            save_estimator(te.accuracy, tdir / "accuracy.json", fingerprint={"task": name},
-                           notes=self.notes.get("accuracy", {}).get(name))
-            (tdir / "compat.json").write_text(json.dumps(compatibility_to_json(te.compat)) + "\n")
-            tasks[name] = {"partition": partition_ref(te.partition.root), "variants": te.variants,
-                           "measured": [{"config": list(c), "accuracy": a} for c, a in te.measured.items()],
-                           "unsupported": [{"block": b, "processor": p, "why": why}
-                                           for (b, p), why in te.unsupported.items()]}
+        tasks = {name: self._save_task(folder / "tasks" / name, te) for name, te in self.tasks.items()}
         meta = {"format": "sparseloom-estimates", "format_version": 1, "device": self.device,
                 "processors": self.processors, "fingerprint": self.fingerprint, "tasks": tasks, "notes": self.notes}
         path = folder / ESTIMATES_FILE
         path.write_text(json.dumps(meta, indent=1) + "\n")
         return path
+
+    def _save_task(self, tdir: Path, te: TaskEstimates) -> dict[str, Any]:
+        """Write a task's accuracy estimator and compatibilities; its entry of ``estimates.json``."""
+        tdir.mkdir(parents=True, exist_ok=True)
+        save_estimator(te.accuracy, tdir / "accuracy.json", fingerprint={"task": te.task},
+                       notes=self.notes.get("accuracy", {}).get(te.task))
+        (tdir / "compat.json").write_text(json.dumps(compatibility_to_json(te.compat)) + "\n")
+        return {"partition": partition_ref(te.partition.root), "variants": te.variants,
+                "measured": [{"config": list(c), "accuracy": a} for c, a in te.measured.items()],
+                "unsupported": [{"block": b, "processor": p, "why": why}
+                                for (b, p), why in te.unsupported.items()]}
 
     @classmethod
     def load(cls, folder: str | Path) -> Estimates:
@@ -327,18 +338,7 @@ class Estimates:
             raise EstimatesError(f"{path}: no such file (run `loom fit` first)")
         try:
             meta = json.loads(path.read_text())
-            tasks = {}
-            for name, t in meta["tasks"].items():
-                tdir = folder / "tasks" / name
-                tasks[name] = TaskEstimates(
-                    task=name,
-                    partition=load_partition(resolve_partition_ref(t["partition"])),
-                    accuracy=load_estimator(tdir / "accuracy.json"),  # type: ignore[arg-type]
-                    compat=compatibility_from_json(json.loads((tdir / "compat.json").read_text())),
-                    variants=t["variants"],
-                    measured={tuple(m["config"]): float(m["accuracy"]) for m in t.get("measured", [])},
-                    unsupported={(u["block"], u["processor"]): u["why"] for u in t.get("unsupported", [])},
-                )
+            tasks = {name: _load_task(folder / "tasks" / name, name, t) for name, t in meta["tasks"].items()}
             return cls(
                 device=meta["device"],
                 processors=meta["processors"],
@@ -350,6 +350,19 @@ class Estimates:
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise EstimatesError(f"{folder}: malformed estimates folder: {exc!r}") from exc
+
+
+def _load_task(tdir: Path, name: str, entry: dict[str, Any]) -> TaskEstimates:
+    """A task's estimates from its entry of ``estimates.json`` and its folder."""
+    return TaskEstimates(
+        task=name,
+        partition=load_partition(resolve_partition_ref(entry["partition"])),
+        accuracy=load_estimator(tdir / "accuracy.json"),  # type: ignore[arg-type]
+        compat=compatibility_from_json(json.loads((tdir / "compat.json").read_text())),
+        variants=entry["variants"],
+        measured={tuple(m["config"]): float(m["accuracy"]) for m in entry.get("measured", [])},
+        unsupported={(u["block"], u["processor"]): u["why"] for u in entry.get("unsupported", [])},
+    )
 
 
 def unsupported_pairs(data: ProfileDataset, partition: Partition) -> dict[tuple[str, str], str]:
@@ -371,7 +384,7 @@ def unsupported_pairs(data: ProfileDataset, partition: Partition) -> dict[tuple[
 def dataset_digest(root: str | Path) -> str:
     """A digest of a profile dataset's rows: estimates fitted on other rows are stale."""
     h = hashlib.sha256()
-    for name in ("blocks.csv", "configs.csv"):
+    for name in (BLOCKS_CSV, CONFIGS_CSV):
         path = Path(root) / name
         if path.is_file():
             h.update(path.read_bytes())
@@ -379,8 +392,25 @@ def dataset_digest(root: str | Path) -> str:
 
 
 def variant_facts(family: Family) -> dict[str, dict[str, Any]]:
+    """Each variant's kind, sparsity, precision and accuracy: what the accuracy features read."""
     return {v.name: {"kind": v.kind, "sparsity": float(v.sparsity or 0.0), "precision": v.precision,
                      "accuracy": float(v.accuracy)} for v in family.variants if v.accuracy is not None}
+
+
+def _fit_task(part: Partition, data: ProfileDataset, n: int, *, strategy: str, seed: int,
+              say: Callable[[str], None],
+              on_task: Callable[[str, AccuracySample], None] | None) -> tuple[TaskEstimates, AccuracySample]:
+    """One task's accuracy estimator, fitted on ``n`` measured stitched configs; and the sample."""
+    family = part.family()
+    say(f"{part.task}: cut compatibilities")
+    compat = compatibility(part, family)
+    sample = sample_accuracy(part, family, n, strategy=strategy, seed=seed, compat=compat, progress=say)
+    if on_task:
+        on_task(part.task, sample)
+    te = TaskEstimates(part.task, part, fit_accuracy(family, sample, compat, random_state=seed),
+                       compat, variant_facts(family), dict(sample.measured),
+                       unsupported=unsupported_pairs(data, part))
+    return te, sample
 
 
 def fit_estimates(
@@ -407,16 +437,8 @@ def fit_estimates(
     notes: dict[str, Any] = {"latency": {"train_rows": len(rows.rows), "dataset": str(data.root),
                                          "dataset_sha256": dataset_digest(data.root)}, "accuracy": {}}
     for part in partitions:
-        family = part.family()
         n = samples if samples is not None else accuracy_budget(len(part.variants) ** part.k)
-        say(f"{part.task}: cut compatibilities")
-        compat = compatibility(part, family)
-        sample = sample_accuracy(part, family, n, strategy=strategy, seed=seed, compat=compat, progress=say)
-        if on_task:
-            on_task(part.task, sample)
-        tasks[part.task] = TaskEstimates(part.task, part, fit_accuracy(family, sample, compat, random_state=seed),
-                                         compat, variant_facts(family), dict(sample.measured),
-                                         unsupported=unsupported_pairs(data, part))
+        tasks[part.task], sample = _fit_task(part, data, n, strategy=strategy, seed=seed, say=say, on_task=on_task)
         notes["accuracy"][part.task] = {"strategy": strategy, "measured_configs": len(sample.measured),
                                         "space": len(part.variants) ** part.k, "seconds": round(sample.seconds, 2)}
     return Estimates(device=device.name, processors=processor_rows(device), latency=latency,

@@ -2,6 +2,8 @@
 
 Latency is the median of repeated single-request runs after a warm-up; the spread
 (p90, min) is kept because a shared machine is noisy and a median alone hides it.
+The garbage collector is off while timing: a collection inside a sub-millisecond run
+would be its whole p90.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import psutil
 
 
@@ -50,6 +53,36 @@ def time_call(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, m
         min_ms=1e3 * samples[0],
         repeats=n,
     )
+
+
+def time_samples(fn: Callable[[], object], *, warmup: int, repeats: int) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls (at least one) after ``warmup``, the GC off."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if gc_was:
+            gc.enable()
+    return samples
+
+
+def sample_stats(samples: Sequence[float]) -> dict[str, float]:
+    """Median, p90 (the same order statistic as ``time_call``), min and std of samples."""
+    s = sorted(samples)
+    n = len(s)
+    return {
+        "median": float(np.median(s)),
+        "p90": s[min(n - 1, int(0.9 * n))],
+        "min": s[0],
+        "std": float(np.std(s, ddof=1)) if n > 1 else 0.0,
+    }
 
 
 def rss_bytes() -> int:
