@@ -24,7 +24,7 @@ only), three parts:
   configs of ``dense``, ``int8``, ``structured-50``, ``fp16``, plus seeded stitched pairs
   that differ in one or two slots), switched differentially (load only the missing
   blocks) and monolithically (unload the whole model, load the other whole model) on
-  the onnxruntime processor's backend (``loom.model.switching.measure_switches``), warm and
+  the onnxruntime processor's backend (``scripts/switching.py``: ``measure_switches``), warm and
   cold page cache separately; across tasks only where the tasks share blocks;
 - **ordering**: FIFO, EDF, the backbone DP (where it applies) and the sharing-aware
   greedy on queues of jobs under tight memory (``placement.ordering.compare_policies``):
@@ -74,7 +74,7 @@ AIM_SWITCH_SPEEDUP = 8.0
 def measured_table(rows: Iterable[Mapping[str, Any]]) -> dict[Key, dict[str, float]]:
     """(block, processor) -> median ``memory_bytes``, ``load_ms``, ``latency_ms`` of the ``ok`` rows.
 
-    Rows as ``loom.profiling.profile.ProfileDataset.blocks``; a column that is empty in every row of
+    Rows as ``loom.profiling.dataset.ProfileDataset.blocks``; a column that is empty in every row of
     a pair is left out of its entry.
     """
     grouped: dict[Key, list[Mapping[str, Any]]] = {}
@@ -288,7 +288,7 @@ def aims(rows: Sequence[Mapping[str, Any]], switch: Mapping[str, Any] | None) ->
 
 # -- budget sweep ------------------------------------------------------------------------------
 def _all_resident_of(dep: Any) -> dict[str, Any]:
-    from loom.profiling.profile import load_profile_dataset
+    from loom.profiling.dataset import load_profile_dataset
 
     data_dir = dep.dataset_dir()
     measured = measured_table(load_profile_dataset(data_dir).blocks)
@@ -314,7 +314,8 @@ def run_cell(config: str, policy: str, budget_mb: float | None, duration_s: floa
     seconds after the end has missed its bound of a few ms anyway). None: drain it all,
     which under a thrashing budget takes minutes. p50/p99 are of completed requests.
     """
-    from loom.app.serve import Deployment, run_trace
+    from loom.app.deployment import Deployment
+    from loom.app.run import run_trace
 
     dep = Deployment.from_config(config)
     dep.config = dep.config.model_copy(update={"memory_budget_mb": budget_mb})
@@ -443,8 +444,9 @@ def budget_sweep(args: argparse.Namespace, resident: dict[str, Any]) -> tuple[li
 
 # -- switching -----------------------------------------------------------------------------------
 def switching(dep: Any, *, repeats: int, stitched: int, seed: int, processor: str | None) -> dict[str, Any]:
+    from switching import measure_switches  # scripts/switching.py, beside this script
+
     from loom.model.blockstore import BlockStore
-    from loom.model.switching import measure_switches
 
     procs = dep.device.processors
     proc = next((p for p in procs if p.name == processor), None) if processor else \
@@ -496,7 +498,7 @@ def switching(dep: Any, *, repeats: int, stitched: int, seed: int, processor: st
 
 # -- ordering ---------------------------------------------------------------------------------------
 def ordering(dep: Any, *, n_instances: int, n_jobs: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from loom.profiling.profile import load_profile_dataset
+    from loom.profiling.dataset import load_profile_dataset
     from placement.ordering import compare_policies, synthetic_backbone_instance
 
     def rows_of(scores: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -627,7 +629,7 @@ def main() -> int:
         Path(spec["out"]).write_text(json.dumps(cell, default=str))
         return 0
 
-    from loom.app.serve import Deployment
+    from loom.app.deployment import Deployment
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ from loom.core.onnxutil import load_model  # noqa: E402
 from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
 from loom.core.progress import Progress  # noqa: E402
 from loom.core.runref import session  # noqa: E402
+from loom.model.cutting import partition_family  # noqa: E402
 from loom.model.family import load_family  # noqa: E402
-from loom.model.partition import partition_family  # noqa: E402
 from loom.model.stitch import StitchedModel, merge_config  # noqa: E402
 from loom.profiling.measure import time_call  # noqa: E402
 

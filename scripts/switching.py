@@ -1,5 +1,7 @@
 """Differential switching: what a config switch costs when only missing blocks are loaded.
 
+Used by ``bench_memory.py`` (the runtime does not switch configs this way yet).
+
 A runtime serving config A of a task that is told to serve config B can either
 
 - **differential**: keep the blocks A and B share, release A's other blocks, and load

@@ -21,9 +21,10 @@ def synth_family(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def synth_partition(synth_family, tmp_path_factory: pytest.TempPathFactory):
-    from loom.model.partition import partition_family
+    from loom.model.cutting import partition_family
 
-    return partition_family(synth_family, tmp_path_factory.mktemp("synthetic-part"), k=3)
+    # the partition folder and, beside it, the block store its blocks are written to
+    return partition_family(synth_family, tmp_path_factory.mktemp("synthetic-part") / "part", k=3)
 
 
 def zoo_tasks() -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 
 from loom.core.errors import BlockIntegrityError, LoomError, ManifestError
 from loom.model.blockstore import BlockStore, file_sha256
-from loom.model.partition import load_partition, partition_family
+from loom.model.cutting import partition_family
+from loom.model.partition import load_partition
 
 CONFIG = ["dense", "int8", "fp16"]
 
@@ -123,9 +124,8 @@ def test_missing_block_file(synth_partition, tmp_path):
 
 
 def test_add_refuses_a_tampered_partition(synth_partition, tmp_path):
-    copy = tmp_path / "part"
-    shutil.copytree(synth_partition.root, copy)
-    part = load_partition(copy)
+    shutil.copytree(synth_partition.root.parent, tmp_path / "copy")  # the partition and its store
+    part = load_partition(tmp_path / "copy" / synth_partition.root.name)
     bid = part.variants["int8"][0]
     f = part.block_path(bid)
     data = bytearray(f.read_bytes())

@@ -12,16 +12,10 @@ from synth import residual_cnn
 
 from loom.core.errors import AlignmentError, LoomError
 from loom.core.onnxutil import save_model
+from loom.model.align import CutTolerance, align, choose_cuts, cut_drift, meaning_problem
 from loom.model.cuts import GraphIndex, candidate_cuts
+from loom.model.cutting import partition_family
 from loom.model.family import load_family
-from loom.model.partition import (
-    CutTolerance,
-    align,
-    choose_cuts,
-    cut_drift,
-    meaning_problem,
-    partition_family,
-)
 from loom.model.variants import add_variant
 
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import ZOO, zoo_tasks
 
 from loom.core.runref import run_batched, session
+from loom.model.cutting import partition_family
 from loom.model.family import load_family
-from loom.model.partition import partition_family
 from loom.model.stitch import StitchedModel, evaluate_configs, merge_config
 from loom.model.variants import measure_accuracy
 

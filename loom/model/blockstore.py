@@ -1,27 +1,13 @@
-"""The block store: every block of every task on disk once, addressed by its content.
+"""The block store: every block of every task on disk once, keyed by the sha256 of its bytes.
 
-A partition already writes each of its blocks once (identical blocks of two variants
-are one file), but two tasks, or two partitions of one family, each keep their own
-copy. The store holds blocks of any number of partitions under one root::
+    <root>/blocks/<sha256>.onnx     one file per distinct content
+    <root>/index.json               block -> file, size, ports, users; task -> variants
 
-    <root>/blocks/<id>.onnx     one file per distinct content
-    <root>/index.json           block -> its file, sha256, size, users; task -> variants
-
-A block's ``id`` is the partition's 20-hex id (a prefix of the sha256 of the block's
-deterministic serialization: ``loom.model.partition.block_hash``). The store also records
-the full sha256 of the file's bytes; that, not the id, decides whether two blocks are
-the same. Two ids with the same content (possible in principle: the id hashes the
-serialization, the store the file) become one block, the second id an alias of the
-first. Every (task, variant, slot) that uses a block is recorded as one of its users,
-so the blocks of a config are computable (``blocks_of``) and so are the blocks shared
-between variants or tasks (``shared_blocks``), which a switch never has to reload.
-
-Integrity: ``path`` hashes a block's file the first time it is asked for it in this
-process and raises ``BlockIntegrityError`` on a mismatch; verified ids are cached, so
-the cost (a read of the file) is paid once, not on every load.
-
-One process writes a store at a time (no file locking); threads of that process may
-share a ``BlockStore``.
+``loom partition`` writes blocks here (``put_model``) and the partition names them by
+that key; serving reads the same files, checking each against its key. Every (task,
+variant, slot) using a block is one of its users, so a config's blocks (``blocks_of``)
+and the blocks shared across variants or tasks (``shared_blocks``) are known.
+One process writes a store at a time; its threads may share a ``BlockStore``.
 """
 
 from __future__ import annotations
@@ -36,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from loom.core.errors import BlockIntegrityError, ManifestError
-from loom.model.partition import BlockInfo, Partition, block_hash
+from loom.core.onnxutil import MAX_IR_VERSION
+from loom.model.partition import BlockInfo, Partition
 
 INDEX_FILE = "index.json"
 BLOCKS_DIR = "blocks"
@@ -45,6 +34,12 @@ INDEX_FORMAT = 1
 
 #: (task, variant, slot): one use of a block
 User = tuple[str, str, int]
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """The bytes a block is stored as: its deterministic serialization, at an IR onnxruntime reads."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model.SerializeToString(deterministic=True)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -152,6 +147,22 @@ class BlockStore:
             return self.index_path
 
     # -- adding ----------------------------------------------------------------------------
+    def put_model(self, model: onnx.ModelProto) -> tuple[str, Path]:
+        """Write a block (unless its content is here already); returns its id and file.
+
+        Users are recorded by ``add_partition`` once the partition is complete.
+        """
+        data = model_bytes(model)
+        bid = hashlib.sha256(data).hexdigest()
+        path = self.root / BLOCKS_DIR / f"{bid}.onnx"
+        with self._lock:
+            if bid not in self._verified or not path.is_file():
+                tmp = path.with_suffix(f".onnx.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                self._verified.add(bid)
+        return bid, path
+
     def add_partition(self, partition: Partition, *, task: str | None = None, link: bool = True) -> int:
         """Add every block of ``partition`` under ``task`` (default: the partition's task).
 
@@ -168,8 +179,9 @@ class BlockStore:
             canonical: dict[str, str] = {}  # partition id -> id in the store
             for pid, info in partition.blocks.items():
                 src = partition.block_path(pid)
-                sha = self._checked_sha(pid, src)
-                bid = by_sha.get(sha)
+                own = src.resolve() == (self.root / BLOCKS_DIR / f"{pid}.onnx").resolve()
+                sha = pid if own and pid in self._verified else self._checked_sha(pid, src)
+                bid = sha if sha in self.blocks else by_sha.get(sha)
                 if bid is None and pid in self.blocks:
                     # same id, other bytes: one id cannot name two contents
                     raise BlockIntegrityError(
@@ -177,13 +189,14 @@ class BlockStore:
                         f"{self.root / self.blocks[pid].file} (sha256 {self.blocks[pid].sha256})"
                     )
                 if bid is None:
-                    bid = pid
-                    self._store_file(src, bid, link=link)
+                    bid = sha
+                    if not own:
+                        self._store_file(src, bid, link=link)
                     self.blocks[bid] = _stored(bid, sha, info, src.stat().st_size)
                     by_sha[sha] = bid
-                    self._verified.add(bid)  # just hashed it
+                    self._verified.add(bid)  # just hashed or written it
                     new += 1
-                elif pid != bid:
+                if pid != bid:
                     self.aliases[pid] = bid
                 canonical[pid] = bid
             variants = {}
@@ -207,22 +220,19 @@ class BlockStore:
     def _checked_sha(self, pid: str, src: Path) -> str:
         """Full sha256 of a partition's block file, refusing a file that is not block ``pid``.
 
-        The partition's id hashes the deterministic serialization, which is normally the
-        file's bytes: then the id is a prefix of the file's sha256 and nothing is parsed.
-        Otherwise the model is parsed and hashed as ``partition_family`` hashed it.
+        A block's id is the sha256 of its file (older partitions: a 20-hex prefix of it).
+        A file written otherwise is parsed and its deterministic serialization hashed.
         """
         if not src.is_file():
             raise BlockIntegrityError(f"block {pid}: its file {src} is missing")
         sha = file_sha256(src)
         if sha.startswith(pid):
             return sha
-        import onnx
-
         try:
-            rehashed = block_hash(onnx.load(str(src), load_external_data=False))
+            rehashed = hashlib.sha256(model_bytes(onnx.load(str(src), load_external_data=False))).hexdigest()
         except Exception as exc:  # not even an ONNX model
             raise BlockIntegrityError(f"block {pid}: {src} is not a readable ONNX model: {exc}") from exc
-        if rehashed != pid:
+        if not rehashed.startswith(pid):
             raise BlockIntegrityError(f"block {pid}: {src} hashes to {rehashed}, not to its id")
         return sha
 

@@ -1,303 +1,29 @@
-"""Aligned cuts across a family's variants, the choice of K slots, and block extraction.
+"""A partition: where a family is cut, and which block each variant has in each slot.
 
-``partition_family`` is ``loom partition``: it finds the cuts every variant shares
-(same tensor names, same shapes, same meaning on calibration inputs), picks ``K - 1``
-of them that balance MACs across slots, writes each variant's blocks as standalone
-ONNX files named by content hash (identical blocks of different variants are one
-file), and checks that every variant's chain of blocks reproduces the variant.
+``partition.yaml`` lists the cuts, each variant's block ids slot by slot, and each block's
+ports, MACs and file. A block's id is the sha256 of its file's bytes: the key it has in
+the block store (``loom.model.blockstore``) that the partition's blocks are written to.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import yaml
 
-from loom.core.errors import AlignmentError, ManifestError
-from loom.core.onnxutil import load_model, node_inputs, save_model
-from loom.core.runref import run_batched, session, with_taps
-from loom.model.cuts import CutCandidate, GraphIndex, candidate_cuts, extract_block, slot_nodes
-from loom.model.family import Cut, Family, load_family
+from loom.core.errors import ManifestError
+from loom.model.family import Family, load_family
 
 PARTITION_FILE = "partition.yaml"
-Progress = Callable[[str], None]
-
-
-# -- meaning of a cut ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class CutTolerance:
-    """When a variant's activations at a cut no longer mean what the dense variant's mean.
-
-    Fine-tuned and quantized variants drift from the dense model, the more so the deeper
-    the cut and the harder the compression, and stitching across such drift costs
-    accuracy that the accuracy estimator has to learn, not a reason to forbid the cut.
-    What the check refuses is a changed *meaning*:
-
-    - values below zero where the dense model's are all >= 0 (PROBE.md: a quantizer
-      fused the ReLU, leaving the pre-ReLU value at the cut);
-    - activations that match the dense variant's on the same input no better than the
-      dense variant's own activations on *other* inputs do (a permuted, transposed or
-      simply different tensor under the same name): median per-sample Pearson
-      correlation must exceed that baseline by ``min_correlation_margin``;
-    - a scale off by more than ``max_norm_ratio``.
-    """
-
-    min_correlation_margin: float = 0.0
-    max_norm_ratio: float = 2.0
-    #: extra share of negative values allowed where the dense activations are all >= 0
-    max_negative_share: float = 0.01
-
-
-def _rowwise_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ac, bc = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
-    den = np.linalg.norm(ac, axis=1) * np.linalg.norm(bc, axis=1)
-    return (ac * bc).sum(axis=1) / np.maximum(den, 1e-12)
-
-
-def cut_drift(dense: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """How ``other`` (a variant's activations at a cut) differs from ``dense``, per sample.
-
-    ``baseline_correlation`` is the dense activations' correlation with themselves on a
-    different input (samples rolled by one): what "unrelated" looks like at this cut.
-    """
-    d = dense.reshape(len(dense), -1).astype(np.float64)
-    o = other.reshape(len(other), -1).astype(np.float64)
-    dn = np.linalg.norm(d, axis=1)
-    on = np.linalg.norm(o, axis=1)
-    baseline = float(np.median(_rowwise_correlation(d, np.roll(d, 1, axis=0)))) if len(d) > 1 else -1.0
-    return {
-        "correlation": float(np.median(_rowwise_correlation(d, o))),
-        "baseline_correlation": baseline,
-        "cosine": float(np.median((d * o).sum(axis=1) / np.maximum(dn * on, 1e-12))),
-        "norm_ratio": float(np.median(on / np.maximum(dn, 1e-12))),
-        "dense_negative_share": float((d < 0).mean()),
-        "negative_share": float((o < 0).mean()),
-    }
-
-
-def meaning_problem(drift: dict[str, float], tol: CutTolerance) -> str | None:
-    """Why a cut tensor no longer means what it means in the dense variant (None if it does)."""
-    if drift["dense_negative_share"] == 0.0 and drift["negative_share"] > tol.max_negative_share:
-        return (
-            f"the dense variant's values are all >= 0 here (after a ReLU) but "
-            f"{drift['negative_share']:.0%} of this variant's are negative: an activation "
-            f"was fused or moved across the cut"
-        )
-    if drift["correlation"] <= drift["baseline_correlation"] + tol.min_correlation_margin:
-        return (
-            f"activations match the dense variant's on the same input (correlation "
-            f"{drift['correlation']:.3f}) no better than the dense variant's own activations on "
-            f"other inputs do ({drift['baseline_correlation']:.3f}): not the same tensor"
-        )
-    ratio = drift["norm_ratio"]
-    if not (1 / tol.max_norm_ratio <= ratio <= tol.max_norm_ratio):
-        return f"activation scale differs from the dense variant's by x{ratio:.2f}"
-    return None
-
-
-# -- alignment -----------------------------------------------------------------------------
-@dataclass
-class Refusal:
-    tensors: list[str]
-    variant: str
-    reason: str
-
-
-@dataclass
-class AlignmentReport:
-    task: str
-    candidates: list[CutCandidate]
-    aligned: list[CutCandidate]
-    refusals: list[Refusal]
-    #: (cut tensors as a tuple, variant) -> drift measures
-    drift: dict[tuple[tuple[str, ...], str], dict[str, float]] = field(default_factory=dict)
-
-    def reasons_for(self, tensors: Sequence[str]) -> list[str]:
-        key = list(tensors)
-        return [f"{r.variant}: {r.reason}" for r in self.refusals if r.tensors == key]
-
-
-def _norm_shape(shape: list) -> list:
-    return [d if isinstance(d, int) and d > 0 else "?" for d in shape]
-
-
-def _check_io(family: Family, indexes: dict[str, GraphIndex]) -> None:
-    ref = family.reference_variant().name
-    ri = indexes[ref]
-    problems = []
-    for name, idx in indexes.items():
-        for kind, mine, theirs in (
-            ("inputs", idx.graph_inputs, ri.graph_inputs),
-            ("outputs", idx.graph_outputs, ri.graph_outputs),
-        ):
-            if mine != theirs:
-                problems.append(f"{name}: graph {kind} {mine} differ from {ref}'s {theirs}")
-                continue
-            for t in mine:
-                if _norm_shape(idx.shapes.get(t, ([], 0))[0]) != _norm_shape(ri.shapes.get(t, ([], 0))[0]):
-                    problems.append(f"{name}: {kind[:-1]} {t!r} has shape {idx.shapes[t][0]}, {ref} has {ri.shapes[t][0]}")
-    if problems:
-        raise AlignmentError(
-            f"{family.path}: the variants do not share inputs and outputs:\n  " + "\n  ".join(problems)
-        )
-
-
-def load_indexes(family: Family) -> dict[str, GraphIndex]:
-    return {v.name: GraphIndex.build(load_model(family.variant_path(v.name))) for v in family}
-
-
-def align(
-    family: Family,
-    *,
-    indexes: dict[str, GraphIndex] | None = None,
-    max_tensors: int = 2,
-    tolerance: CutTolerance = CutTolerance(),
-    calib_samples: int = 32,
-    only: Sequence[Sequence[str]] | None = None,
-) -> AlignmentReport:
-    """Cuts that exist in every variant with the same shape and meaning, and why others fail.
-
-    ``only`` restricts the check to user-given cuts (each a list of tensor names).
-    """
-    indexes = indexes or load_indexes(family)
-    _check_io(family, indexes)
-    ref = family.reference_variant().name
-    ri = indexes[ref]
-    if only is not None:
-        candidates = []
-        for cut in only:
-            before: set[int] = set()
-            for t in cut:
-                if t not in ri.producer and t not in ri.graph_inputs:
-                    raise AlignmentError(f"{family.path}: cut {list(cut)}: {ref} has no tensor {t!r}")
-                before |= ri.ancestors(t)
-            share = sum(ri.macs[j] for j in before) / ri.total_macs
-            candidates.append(CutCandidate(tuple(sorted(cut)), cut[0], share, len(cut)))
-    else:
-        candidates = candidate_cuts(ri, max_tensors=max_tensors)
-    refusals: list[Refusal] = []
-    structural_ok: list[CutCandidate] = []
-    for cand in candidates:
-        bad = False
-        for name, idx in indexes.items():
-            reason = _structural_problem(cand, idx, ri)
-            if reason:
-                refusals.append(Refusal(list(cand.tensors), name, reason))
-                bad = True
-        if not bad:
-            structural_ok.append(cand)
-
-    # Meaning: activations at each surviving cut, every variant against the dense one.
-    report = AlignmentReport(family.task, candidates, [], refusals)
-    if not structural_ok:
-        return report
-    x = family.calib_data(calib_samples)
-    input_name = ri.graph_inputs[0]
-    taps = sorted({t for c in structural_ok for t in c.tensors if t not in ri.graph_inputs})
-    acts: dict[str, dict[str, np.ndarray]] = {}
-    for name, idx in indexes.items():
-        sess = session(with_taps(idx.model, taps), name=str(family.variant_path(name)))
-        acts[name] = run_batched(sess, {input_name: x}, taps)
-    failed: set[tuple[str, ...]] = set()
-    for cand in structural_ok:
-        for name in indexes:
-            if name == ref:
-                continue
-            for t in cand.tensors:
-                if t in ri.graph_inputs:
-                    continue
-                drift = cut_drift(acts[ref][t], acts[name][t])
-                report.drift[(cand.tensors, name)] = drift
-                problem = meaning_problem(drift, tolerance)
-                if problem:
-                    refusals.append(Refusal(list(cand.tensors), name, f"{t!r}: {problem}"))
-                    failed.add(cand.tensors)
-    report.aligned = [c for c in structural_ok if c.tensors not in failed]
-    return report
-
-
-def _structural_problem(cand: CutCandidate, idx: GraphIndex, ref: GraphIndex) -> str | None:
-    for t in cand.tensors:
-        if t not in idx.producer and t not in idx.graph_inputs:
-            return f"has no tensor {t!r}"
-        mine, theirs = _norm_shape(idx.shapes.get(t, ([], 0))[0]), _norm_shape(ref.shapes.get(t, ([], 0))[0])
-        if mine != theirs:
-            return f"tensor {t!r} has shape {mine}, the dense variant has {theirs}"
-        mine_t, theirs_t = idx.shapes.get(t, ([], 0))[1], ref.shapes.get(t, ([], 0))[1]
-        if mine_t != theirs_t:
-            return (f"tensor {t!r} is {onnx.TensorProto.DataType.Name(mine_t)} here, "
-                    f"{onnx.TensorProto.DataType.Name(theirs_t)} in the dense variant")
-    before: set[int] = set()
-    for t in cand.tensors:
-        before |= idx.ancestors(t)
-    crossing = idx.crossing(before)
-    if crossing != list(cand.tensors):
-        return f"the cut does not separate this variant the same way (crossing here: {crossing})"
-    return None
-
-
-# -- choosing K - 1 cuts --------------------------------------------------------------------
-def choose_cuts(aligned: Sequence[CutCandidate], k: int) -> list[CutCandidate]:
-    """Pick ``k - 1`` nested cuts that balance MACs across the ``k`` slots.
-
-    Minimizes the largest slot's share of MACs (compared in steps of 2%, so that near
-    ties go to the cuts with fewer tensors, which cost less to hand between processors).
-    Exact dynamic program over the candidates in MACs order.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    cands = sorted(aligned, key=lambda c: c.macs_before)
-    if k == 1:
-        return []
-    if len(cands) < k - 1:
-        raise AlignmentError(f"need {k - 1} aligned cuts for {k} slots, found {len(cands)}")
-    shares = [c.macs_before for c in cands]
-
-    def cost(prev: float, cur: float) -> float:
-        return np.ceil(round((cur - prev) / 0.02, 6)) * 0.02
-
-    inf = (float("inf"), float("inf"))
-    # best[j][m]: (max slot share, tensors) choosing m cuts, the last being cands[j]
-    best = [[inf] * k for _ in cands]
-    back = [[-1] * k for _ in cands]
-    for j, c in enumerate(cands):
-        best[j][1] = (cost(0.0, shares[j]), c.produced)
-        for m in range(2, k):
-            for i in range(j):
-                if best[i][m - 1] == inf or shares[i] >= shares[j]:
-                    continue
-                mx, tn = best[i][m - 1]
-                cand = (max(mx, cost(shares[i], shares[j])), tn + c.produced)
-                if cand < best[j][m]:
-                    best[j][m] = cand
-                    back[j][m] = i
-    final = [
-        ((max(best[j][k - 1][0], cost(shares[j], 1.0)), best[j][k - 1][1]), j)
-        for j in range(len(cands))
-        if best[j][k - 1] != inf
-    ]
-    if not final:
-        raise AlignmentError(f"no chain of {k - 1} distinct cuts for {k} slots")
-    _, j = min(final)
-    chosen = [j]
-    m = k - 1
-    while m > 1:
-        j = back[j][m]
-        chosen.append(j)
-        m -= 1
-    return [cands[i] for i in reversed(chosen)]
 
 
 # -- the partition -----------------------------------------------------------------------------
 @dataclass
 class BlockInfo:
+    """One block of a partition; ``file`` is relative to the partition folder."""
+
     id: str
     slot: int
     file: str
@@ -321,6 +47,9 @@ class Partition:
     root: Path
     slot_macs_share: list[float] = field(default_factory=list)
     verification: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the block store holding the blocks, relative to ``root`` ("" for a partition made
+    #: before blocks went to a store, whose blocks sit in its own ``blocks/`` folder)
+    store: str = ""
 
     @property
     def k(self) -> int:
@@ -337,6 +66,11 @@ class Partition:
     def block_path(self, block_id: str) -> Path:
         return self.root / self.blocks[block_id].file
 
+    @property
+    def store_root(self) -> Path | None:
+        """The folder of the block store this partition's blocks live in (None if none)."""
+        return (self.root / self.store) if self.store else None
+
     def family(self) -> Family:
         return load_family(self.root / self.family_path)
 
@@ -351,12 +85,15 @@ class Partition:
             "blocks": {bid: {k: v for k, v in asdict(b).items() if k != "id"} for bid, b in self.blocks.items()},
             "verification": self.verification,
         }
+        if self.store:
+            data["store"] = self.store
         path = self.root / PARTITION_FILE
         path.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
         return path
 
 
 def load_partition(path: str | Path) -> Partition:
+    """Read ``partition.yaml`` (``path`` is the file or its folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / PARTITION_FILE
@@ -374,151 +111,7 @@ def load_partition(path: str | Path) -> Partition:
             root=path.parent,
             slot_macs_share=data.get("slot_macs_share", []),
             verification=data.get("verification", {}),
+            store=str(data.get("store", "")),
         )
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{path}: malformed partition file: {exc}") from exc
-
-
-def block_hash(block: onnx.ModelProto) -> str:
-    return hashlib.sha256(block.SerializeToString(deterministic=True)).hexdigest()[:20]
-
-
-def _variant_precision(family: Family, name: str) -> str:
-    return family.variant(name).precision
-
-
-#: How closely a variant's chain of blocks must reproduce the variant, by precision.
-#: fp32: max abs difference of the outputs. int8/fp16: max abs difference relative to
-#: the largest output magnitude, plus top-1 agreement: the monolithic int8 model lets
-#: onnxruntime fold a DequantizeLinear -> Relu -> QuantizeLinear run across the cut
-#: into one requantization, which rounds differently from the split chain (same math).
-CHAIN_TOLERANCE = {"fp32": 1e-5, "fp16": 3e-2, "int8": 5e-2}
-MIN_TOP1_AGREEMENT = 0.97
-
-
-def partition_family(
-    family: Family | str | Path,
-    out_dir: str | Path,
-    *,
-    k: int = 3,
-    cuts: Sequence[Sequence[str]] | None = None,
-    max_tensors: int = 2,
-    tolerance: CutTolerance = CutTolerance(),
-    verify_samples: int = 64,
-    update_manifest: bool = False,
-    progress: Progress | None = None,
-) -> Partition:
-    """Cut every variant of ``family`` into ``k`` slots and write the blocks to ``out_dir``."""
-    family = family if isinstance(family, Family) else load_family(family)
-    say = progress or (lambda _msg: None)
-    out = Path(out_dir)
-    (out / "blocks").mkdir(parents=True, exist_ok=True)
-    say(f"{family.task}: reading {len(family.variants)} variants")
-    indexes = load_indexes(family)
-    if cuts is not None and len(cuts) != k - 1:
-        k = len(cuts) + 1
-    say(f"{family.task}: checking cuts")
-    report = align(family, indexes=indexes, max_tensors=max_tensors, tolerance=tolerance, only=cuts)
-    if cuts is not None:
-        refused = [(c, report.reasons_for(sorted(c))) for c in cuts]
-        refused = [(c, r) for c, r in refused if r]
-        if refused:
-            lines = [f"cut {list(c)} refused: " + "; ".join(r) for c, r in refused]
-            raise AlignmentError(f"{family.path}:\n  " + "\n  ".join(lines))
-        chosen = sorted(report.aligned, key=lambda c: c.macs_before)
-    else:
-        if len(report.aligned) < k - 1:
-            why = "\n  ".join(f"{r.tensors} in {r.variant}: {r.reason}" for r in report.refusals[:20])
-            raise AlignmentError(
-                f"{family.path}: {len(report.aligned)} cut(s) are aligned across all variants, "
-                f"{k} slots need {k - 1}. Refused:\n  {why}"
-            )
-        chosen = choose_cuts(report.aligned, k)
-    cut_lists = [list(c.tensors) for c in chosen]
-    ref = indexes[family.reference_variant().name]
-    shares = [c.macs_before for c in chosen]
-    slot_share = [b - a for a, b in zip([0.0, *shares], [*shares, 1.0], strict=True)]
-
-    partition = Partition(
-        task=family.task,
-        family_path=os.path.relpath(Path(family.path).resolve(), out.resolve()),
-        cuts=cut_lists,
-        variants={},
-        blocks={},
-        root=out,
-        slot_macs_share=slot_share,
-    )
-    final_outputs = ref.graph_outputs
-    for name, idx in indexes.items():
-        say(f"{family.task}: extracting {name}")
-        slots = slot_nodes(idx, cut_lists, name=name)
-        available = set(idx.graph_inputs)
-        ids = []
-        for s, nodes in enumerate(slots):
-            made = {o for i in nodes for o in idx.model.graph.node[i].output if o}
-            reads = {x for i in nodes for x in _reads(idx, i)} - made - idx.static
-            stray = sorted(reads - available)
-            if stray:
-                raise AlignmentError(f"{name}: slot {s} reads {stray}, which no earlier cut carries")
-            wanted = cut_lists[s] if s < len(cut_lists) else final_outputs
-            outputs = [t for t in wanted if t in made]
-            inputs = sorted(reads)
-            block = extract_block(idx, nodes, inputs, outputs)
-            bid = block_hash(block)
-            if bid not in partition.blocks:
-                rel = f"blocks/{bid}.onnx"
-                save_model(block, out / rel)
-                partition.blocks[bid] = BlockInfo(
-                    id=bid, slot=s, file=rel, inputs=inputs, outputs=outputs,
-                    macs=int(sum(idx.macs[i] for i in nodes)),
-                    size_bytes=(out / rel).stat().st_size,
-                    precision=_variant_precision(family, name),
-                )
-            partition.blocks[bid].variants.append(name)
-            ids.append(bid)
-            available |= set(wanted)
-        partition.variants[name] = ids
-
-    say(f"{family.task}: verifying that each chain of blocks reproduces its variant")
-    partition.verification = verify_chains(partition, family, samples=verify_samples)
-    bad = {v: r for v, r in partition.verification.items() if not r["ok"]}
-    if bad:
-        raise AlignmentError(f"{family.path}: chained blocks do not reproduce variant(s) {bad}")
-    partition.save()
-    if update_manifest:
-        family.manifest.cuts = [Cut(tensors=list(c.tensors), macs_before=round(c.macs_before, 4)) for c in report.aligned]
-        family.save()
-    return partition
-
-
-def _reads(idx: GraphIndex, i: int) -> list[str]:
-    return node_inputs(idx.model.graph.node[i])
-
-
-def verify_chains(partition: Partition, family: Family, *, samples: int = 64) -> dict[str, dict[str, Any]]:
-    """Max abs difference between each variant and its chain of blocks on evaluation inputs."""
-    from loom.model.stitch import StitchedModel
-
-    x, _ = family.eval_data(samples)
-    input_name = family.manifest.input.name
-    out_name = family.manifest.output.name
-    result: dict[str, dict[str, Any]] = {}
-    for name in partition.variants:
-        full = session(load_model(family.variant_path(name)), name=name)
-        want = run_batched(full, {input_name: x})[out_name]
-        got = StitchedModel(partition, [name] * partition.k).run({input_name: x})[out_name]
-        precision = family.variant(name).precision
-        diff = float(np.abs(want - got).max())
-        rel = diff / max(float(np.abs(want).max()), 1e-12)
-        agree = float((want.argmax(-1) == got.argmax(-1)).mean())
-        tol = CHAIN_TOLERANCE[precision]
-        ok = diff <= tol if precision == "fp32" else (rel <= tol and agree >= MIN_TOP1_AGREEMENT)
-        result[name] = {
-            "max_abs_diff": diff,
-            "max_rel_diff": rel,
-            "tolerance": tol,
-            "tolerance_kind": "absolute" if precision == "fp32" else "relative to max |output|",
-            "top1_agreement": agree,
-            "ok": bool(ok),
-        }
-    return result

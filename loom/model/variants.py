@@ -1,18 +1,8 @@
-"""Variants of one dense ONNX model, made without retraining.
+"""Variants of one dense ONNX model, made without retraining: pruned, structured, int8, fp16.
 
-- ``prune_unstructured``: per-layer magnitude pruning of Conv/Gemm/MatMul weights.
-- ``prune_structured``: removes whole channels *inside* blocks (a conv's filters and the
-  next conv's matching input channels; a transformer MLP's hidden units), found on the
-  graph: every tensor that leaves such a region keeps its shape, so the cuts survive.
-- ``quantize_int8``: static QDQ quantization (onnxruntime.quantization) with calibration
-  data; the nodes that write the family's cut tensors stay float, so that a cut keeps
-  its name and meaning (PROBE.md: otherwise the quantizer fuses the ReLU across it).
-- ``convert_fp16``: float16 weights and compute, float32 at the graph inputs, outputs
-  and cut tensors.
-
-``make_variants`` adds such variants to a family and records each one's accuracy.
-Post-training pruning at high sparsity collapses accuracy (PROBE.md); the embedded zoo's
-pruned variants are fine-tuned by its builder, this module never trains.
+``make_variants`` adds such variants to a family and records each one's accuracy. The
+nodes that write a family's cut tensors stay float, so cuts survive quantization.
+How each kind is made and why: ``docs/model.md``.
 """
 
 from __future__ import annotations

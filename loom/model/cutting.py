@@ -1,0 +1,180 @@
+"""``loom partition``: cut every variant of a family into K slots, write and verify the blocks.
+
+The blocks go into a content-addressed block store (by default ``blockstore/`` beside the
+partition folder), keyed by the sha256 of their bytes; the partition refers to them by
+that key. Every variant's chain of blocks is then checked against the variant itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loom.core.errors import AlignmentError
+from loom.core.onnxutil import load_model, node_inputs
+from loom.core.runref import run_batched, session
+from loom.model.align import AlignmentReport, CutTolerance, align, choose_cuts, load_indexes
+from loom.model.blockstore import BlockStore
+from loom.model.cuts import CutCandidate, GraphIndex, extract_block, slot_nodes
+from loom.model.family import Cut, Family, load_family
+from loom.model.partition import BlockInfo, Partition
+from loom.model.stitch import StitchedModel
+
+Progress = Callable[[str], None]
+
+
+def _variant_precision(family: Family, name: str) -> str:
+    return family.variant(name).precision
+
+
+#: How closely a variant's chain of blocks must reproduce the variant, by precision.
+#: fp32: max abs difference of the outputs. int8/fp16: max abs difference relative to
+#: the largest output magnitude, plus top-1 agreement: the monolithic int8 model lets
+#: onnxruntime fold a DequantizeLinear -> Relu -> QuantizeLinear run across the cut
+#: into one requantization, which rounds differently from the split chain (same math).
+CHAIN_TOLERANCE = {"fp32": 1e-5, "fp16": 3e-2, "int8": 5e-2}
+MIN_TOP1_AGREEMENT = 0.97
+
+
+def partition_family(
+    family: Family | str | Path,
+    out_dir: str | Path,
+    *,
+    k: int = 3,
+    cuts: Sequence[Sequence[str]] | None = None,
+    max_tensors: int = 2,
+    tolerance: CutTolerance | None = None,
+    verify_samples: int = 64,
+    update_manifest: bool = False,
+    store: BlockStore | str | Path | None = None,
+    progress: Progress | None = None,
+) -> Partition:
+    """Cut every variant of ``family`` into ``k`` slots; write ``partition.yaml`` to ``out_dir``.
+
+    The blocks go to ``store`` (a ``BlockStore`` or its folder; default: ``blockstore/``
+    beside ``out_dir``, so partitions made side by side share one store).
+    """
+    family = family if isinstance(family, Family) else load_family(family)
+    say = progress or (lambda _msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(store, BlockStore):
+        store = BlockStore(Path(store) if store is not None else out.parent / "blockstore")
+    say(f"{family.task}: reading {len(family.variants)} variants")
+    indexes = load_indexes(family)
+    if cuts is not None and len(cuts) != k - 1:
+        k = len(cuts) + 1
+    say(f"{family.task}: checking cuts")
+    report = align(family, indexes=indexes, max_tensors=max_tensors, tolerance=tolerance or CutTolerance(),
+                   only=cuts)
+    chosen = _chosen_cuts(family, report, cuts, k)
+    cut_lists = [list(c.tensors) for c in chosen]
+    shares = [c.macs_before for c in chosen]
+    partition = Partition(
+        task=family.task,
+        family_path=os.path.relpath(Path(family.path).resolve(), out.resolve()),
+        cuts=cut_lists,
+        variants={},
+        blocks={},
+        root=out,
+        slot_macs_share=[b - a for a, b in zip([0.0, *shares], [*shares, 1.0], strict=True)],
+        store=os.path.relpath(store.root.resolve(), out.resolve()),
+    )
+    final_outputs = indexes[family.reference_variant().name].graph_outputs
+    for name, idx in indexes.items():
+        say(f"{family.task}: extracting {name}")
+        partition.variants[name] = _write_blocks(partition, store, idx, name, final_outputs,
+                                                 _variant_precision(family, name))
+
+    say(f"{family.task}: verifying that each chain of blocks reproduces its variant")
+    partition.verification = verify_chains(partition, family, samples=verify_samples)
+    bad = {v: r for v, r in partition.verification.items() if not r["ok"]}
+    if bad:
+        raise AlignmentError(f"{family.path}: chained blocks do not reproduce variant(s) {bad}")
+    partition.save()
+    store.add_partition(partition)  # records who uses which block; the files are there already
+    if update_manifest:
+        family.manifest.cuts = [Cut(tensors=list(c.tensors), macs_before=round(c.macs_before, 4)) for c in report.aligned]
+        family.save()
+    return partition
+
+
+def _chosen_cuts(family: Family, report: AlignmentReport, cuts: Sequence[Sequence[str]] | None,
+                 k: int) -> list[CutCandidate]:
+    """The cuts asked for (each checked), or the ``k - 1`` aligned cuts that balance the slots."""
+    if cuts is not None:
+        refused = [(c, report.reasons_for(sorted(c))) for c in cuts]
+        refused = [(c, r) for c, r in refused if r]
+        if refused:
+            lines = [f"cut {list(c)} refused: " + "; ".join(r) for c, r in refused]
+            raise AlignmentError(f"{family.path}:\n  " + "\n  ".join(lines))
+        return sorted(report.aligned, key=lambda c: c.macs_before)
+    if len(report.aligned) < k - 1:
+        why = "\n  ".join(f"{r.tensors} in {r.variant}: {r.reason}" for r in report.refusals[:20])
+        raise AlignmentError(
+            f"{family.path}: {len(report.aligned)} cut(s) are aligned across all variants, "
+            f"{k} slots need {k - 1}. Refused:\n  {why}"
+        )
+    return choose_cuts(report.aligned, k)
+
+
+def _write_blocks(partition: Partition, store: BlockStore, idx: GraphIndex, name: str,
+                  final_outputs: list[str], precision: str) -> list[str]:
+    """Extract variant ``name``'s block of every slot into ``store``; returns their ids."""
+    out = partition.root.resolve()
+    available = set(idx.graph_inputs)
+    ids = []
+    for s, nodes in enumerate(slot_nodes(idx, partition.cuts, name=name)):
+        made = {o for i in nodes for o in idx.model.graph.node[i].output if o}
+        reads = {x for i in nodes for x in _reads(idx, i)} - made - idx.static
+        stray = sorted(reads - available)
+        if stray:
+            raise AlignmentError(f"{name}: slot {s} reads {stray}, which no earlier cut carries")
+        wanted = partition.cuts[s] if s < len(partition.cuts) else final_outputs
+        outputs = [t for t in wanted if t in made]
+        bid, path = store.put_model(extract_block(idx, nodes, sorted(reads), outputs))
+        if bid not in partition.blocks:
+            partition.blocks[bid] = BlockInfo(
+                id=bid, slot=s, file=os.path.relpath(path.resolve(), out), inputs=sorted(reads),
+                outputs=outputs, macs=int(sum(idx.macs[i] for i in nodes)),
+                size_bytes=path.stat().st_size, precision=precision,
+            )
+        partition.blocks[bid].variants.append(name)
+        ids.append(bid)
+        available |= set(wanted)
+    return ids
+
+
+def _reads(idx: GraphIndex, i: int) -> list[str]:
+    return node_inputs(idx.model.graph.node[i])
+
+
+def verify_chains(partition: Partition, family: Family, *, samples: int = 64) -> dict[str, dict[str, Any]]:
+    """Max abs difference between each variant and its chain of blocks on evaluation inputs."""
+    x, _ = family.eval_data(samples)
+    input_name = family.manifest.input.name
+    out_name = family.manifest.output.name
+    result: dict[str, dict[str, Any]] = {}
+    for name in partition.variants:
+        full = session(load_model(family.variant_path(name)), name=name)
+        want = run_batched(full, {input_name: x})[out_name]
+        got = StitchedModel(partition, [name] * partition.k).run({input_name: x})[out_name]
+        precision = family.variant(name).precision
+        diff = float(np.abs(want - got).max())
+        rel = diff / max(float(np.abs(want).max()), 1e-12)
+        agree = float((want.argmax(-1) == got.argmax(-1)).mean())
+        tol = CHAIN_TOLERANCE[precision]
+        ok = diff <= tol if precision == "fp32" else (rel <= tol and agree >= MIN_TOP1_AGREEMENT)
+        result[name] = {
+            "max_abs_diff": diff,
+            "max_rel_diff": rel,
+            "tolerance": tol,
+            "tolerance_kind": "absolute" if precision == "fp32" else "relative to max |output|",
+            "top1_agreement": agree,
+            "ok": bool(ok),
+        }
+    return result
