@@ -160,18 +160,7 @@ def align(
     _check_io(family, indexes)
     ref = family.reference_variant().name
     ri = indexes[ref]
-    if only is not None:
-        candidates = []
-        for cut in only:
-            before: set[int] = set()
-            for t in cut:
-                if t not in ri.producer and t not in ri.graph_inputs:
-                    raise AlignmentError(f"{family.path}: cut {list(cut)}: {ref} has no tensor {t!r}")
-                before |= ri.ancestors(t)
-            share = sum(ri.macs[j] for j in before) / ri.total_macs
-            candidates.append(CutCandidate(tuple(sorted(cut)), cut[0], share, len(cut)))
-    else:
-        candidates = candidate_cuts(ri, max_tensors=max_tensors)
+    candidates = _given_cuts(family, ri, only) if only is not None else candidate_cuts(ri, max_tensors=max_tensors)
     refusals: list[Refusal] = []
     structural_ok: list[CutCandidate] = []
     for cand in candidates:
@@ -183,20 +172,40 @@ def align(
                 bad = True
         if not bad:
             structural_ok.append(cand)
-
-    # Meaning: activations at each surviving cut, every variant against the dense one.
     report = AlignmentReport(family.task, candidates, [], refusals)
-    if not structural_ok:
-        return report
+    if structural_ok:
+        _check_meaning(family, indexes, structural_ok, tolerance, calib_samples, report)
+    return report
+
+
+def _given_cuts(family: Family, ri: GraphIndex, only: Sequence[Sequence[str]]) -> list[CutCandidate]:
+    """User-given cuts as candidates, each tensor checked to exist in the reference variant."""
+    ref = family.reference_variant().name
+    candidates = []
+    for cut in only:
+        before: set[int] = set()
+        for t in cut:
+            if t not in ri.producer and t not in ri.graph_inputs:
+                raise AlignmentError(f"{family.path}: cut {list(cut)}: {ref} has no tensor {t!r}")
+            before |= ri.ancestors(t)
+        share = sum(ri.macs[j] for j in before) / ri.total_macs
+        candidates.append(CutCandidate(tuple(sorted(cut)), cut[0], share, len(cut)))
+    return candidates
+
+
+def _check_meaning(family: Family, indexes: dict[str, GraphIndex], cuts: list[CutCandidate],
+                   tolerance: CutTolerance, calib_samples: int, report: AlignmentReport) -> None:
+    """Activations at each cut, every variant against the dense one; fills ``report``."""
+    ref = family.reference_variant().name
+    ri = indexes[ref]
     x = family.calib_data(calib_samples)
-    input_name = ri.graph_inputs[0]
-    taps = sorted({t for c in structural_ok for t in c.tensors if t not in ri.graph_inputs})
+    taps = sorted({t for c in cuts for t in c.tensors if t not in ri.graph_inputs})
     acts: dict[str, dict[str, np.ndarray]] = {}
     for name, idx in indexes.items():
         sess = session(with_taps(idx.model, taps), name=str(family.variant_path(name)))
-        acts[name] = run_batched(sess, {input_name: x}, taps)
+        acts[name] = run_batched(sess, {ri.graph_inputs[0]: x}, taps)
     failed: set[tuple[str, ...]] = set()
-    for cand in structural_ok:
+    for cand in cuts:
         for name in indexes:
             if name == ref:
                 continue
@@ -207,10 +216,9 @@ def align(
                 report.drift[(cand.tensors, name)] = drift
                 problem = meaning_problem(drift, tolerance)
                 if problem:
-                    refusals.append(Refusal(list(cand.tensors), name, f"{t!r}: {problem}"))
+                    report.refusals.append(Refusal(list(cand.tensors), name, f"{t!r}: {problem}"))
                     failed.add(cand.tensors)
-    report.aligned = [c for c in structural_ok if c.tensors not in failed]
-    return report
+    report.aligned = [c for c in cuts if c.tensors not in failed]
 
 
 def _structural_problem(cand: CutCandidate, idx: GraphIndex, ref: GraphIndex) -> str | None:

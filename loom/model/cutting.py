@@ -62,8 +62,7 @@ def partition_family(
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(store, BlockStore):
-        store = BlockStore(Path(store) if store is not None else out.parent / "blockstore")
+    store = store if isinstance(store, BlockStore) else BlockStore(store or out.parent / "blockstore")
     say(f"{family.task}: reading {len(family.variants)} variants")
     indexes = load_indexes(family)
     if cuts is not None and len(cuts) != k - 1:

@@ -204,14 +204,7 @@ def evaluate_configs(
     input_name = family.manifest.input.name
     out_name = family.manifest.output.name
     wanted = [check_config(partition, c) for c in configs]
-    if family.manifest.metric.name == "top1":
-        if y is None:
-            raise ManifestError(f"{family.path}: metric top1 needs eval_data.y")
-        labels = y
-    else:
-        dense = family.reference_variant().name
-        ref = run_batched(session(load_model(family.variant_path(dense)), name=dense), {input_name: x})
-        labels = ref[out_name].argmax(-1)
+    labels = _labels(family, x, y)
     if sessions is None:
         sessions = {}
 
@@ -245,3 +238,15 @@ def evaluate_configs(
 
     walk(tree, (), {input_name: x})
     return {c: results[c] for c in wanted}
+
+
+def _labels(family: Family, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """What top-1 is scored against: the labels, or the dense variant's own predictions."""
+    if family.manifest.metric.name == "top1":
+        if y is None:
+            raise ManifestError(f"{family.path}: metric top1 needs eval_data.y")
+        return y
+    dense = family.reference_variant().name
+    ref = run_batched(session(load_model(family.variant_path(dense)), name=dense),
+                      {family.manifest.input.name: x})
+    return ref[family.manifest.output.name].argmax(-1)
