@@ -2,7 +2,8 @@
 
 Every command maps to one API function; errors sparseloom raises on purpose
 (``LoomError``) are printed as one clear message with exit status 2, anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. ``loom.api`` loads each name on first use, so
+``loom --help`` imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loom.core.errors import LoomError
-from loom.core.progress import say
+import loom.api as api
+
+DEFAULT_SLO_CONFIG = "configs/serve.yaml"
+#: what ``add_subparsers`` returns: each command's parser is added to it
+Commands = argparse._SubParsersAction
 
 
 def _floats(text: str) -> list[float]:
@@ -30,32 +34,27 @@ def _cuts(text: str) -> list[list[str]]:
     return [[t.strip() for t in cut.split(",") if t.strip()] for cut in text.split(";") if cut.strip()]
 
 
+# -- making models: variants, partitions, stitched configs ------------------------------------------
 def cmd_variants_init(a: argparse.Namespace) -> int:
-    from loom.model.variants import init_family
-
-    fam = init_family(a.dense, a.out, task=a.task, num_classes=a.num_classes, eval_file=a.eval,
-                      calib_file=a.calib, metric=a.metric, description=a.description)
+    fam = api.init_family(a.dense, a.out, task=a.task, num_classes=a.num_classes, eval_file=a.eval,
+                          calib_file=a.calib, metric=a.metric, description=a.description)
     print(f"wrote {fam.path} (dense accuracy {fam.variant('dense').accuracy:.4f})")
     return 0
 
 
 def cmd_variants_make(a: argparse.Namespace) -> int:
-    from loom.model.variants import make_variants
-
-    fam = make_variants(a.family, unstructured=a.unstructured or [], structured=a.structured or [],
-                        int8=a.int8, fp16=a.fp16, source=a.source, progress=say)
+    fam = api.make_variants(a.family, unstructured=a.unstructured or [], structured=a.structured or [],
+                            int8=a.int8, fp16=a.fp16, source=a.source, progress=api.say)
     _print_variants(fam)
     return 0
 
 
 def cmd_variants_list(a: argparse.Namespace) -> int:
-    from loom.model.family import load_family
-
-    _print_variants(load_family(a.family))
+    _print_variants(api.load_family(a.family))
     return 0
 
 
-def _print_variants(fam) -> None:  # noqa: ANN001
+def _print_variants(fam: api.Family) -> None:
     print(f"{fam.task} ({fam.path}), metric {fam.manifest.metric.name}")
     print(f"{'variant':<24}{'kind':<14}{'sparsity':>9}{'precision':>10}{'accuracy':>10}{'size KB':>10}")
     for v in fam.variants:
@@ -65,12 +64,9 @@ def _print_variants(fam) -> None:  # noqa: ANN001
 
 
 def cmd_partition(a: argparse.Namespace) -> int:
-    from loom.model.family import load_family
-    from loom.model.partition import align, partition_family
-
-    fam = load_family(a.family)
+    fam = api.load_family(a.family)
     if a.candidates:
-        report = align(fam, max_tensors=a.max_tensors)
+        report = api.align(fam, max_tensors=a.max_tensors)
         print(f"{len(report.aligned)} aligned cut(s) of {len(report.candidates)} candidate(s) in {fam.task}:")
         for c in report.aligned:
             print(f"  {c.macs_before:6.1%} of MACs before  {list(c.tensors)}")
@@ -78,8 +74,8 @@ def cmd_partition(a: argparse.Namespace) -> int:
             print(f"  refused {r.tensors} in {r.variant}: {r.reason}")
         return 0
     out = Path(a.out) if a.out else Path("out/partitions") / fam.task
-    p = partition_family(fam, out, k=a.k, cuts=_cuts(a.cuts) if a.cuts else None,
-                         max_tensors=a.max_tensors, update_manifest=a.update_manifest, progress=say)
+    p = api.partition_family(fam, out, k=a.k, cuts=_cuts(a.cuts) if a.cuts else None,
+                             max_tensors=a.max_tensors, update_manifest=a.update_manifest, progress=api.say)
     print(f"{fam.task}: K={p.k}, cuts {p.cuts}")
     print(f"slot shares of MACs: {[round(s, 3) for s in p.slot_macs_share]}; {len(p.blocks)} distinct blocks")
     for name, r in p.verification.items():
@@ -89,93 +85,64 @@ def cmd_partition(a: argparse.Namespace) -> int:
 
 
 def cmd_stitch(a: argparse.Namespace) -> int:
-    import onnx
-
-    from loom.model.partition import load_partition
-    from loom.model.stitch import evaluate_config, merge_config
-
-    p = load_partition(a.partition)
+    p = api.load_partition(a.partition)
     config = [v.strip() for v in a.config.split(",")]
     if len(config) == 1:
         config = config * p.k
-    result = {"config": config, "accuracy": evaluate_config(p, config, merged=not a.chained)}
+    result = {"config": config, "accuracy": api.evaluate_config(p, config, merged=not a.chained)}
     if a.merged_out:
-        model = merge_config(p, config)
-        onnx.save(model, a.merged_out)
+        api.save_model(api.merge_config(p, config), a.merged_out)
         result["merged_model"] = a.merged_out
     print(json.dumps(result, indent=1))
     return 0
 
 
 def cmd_backends(a: argparse.Namespace) -> int:
-    from backends import available_backends
-
-    for name, (ok, why) in available_backends().items():
+    for name, (ok, why) in api.available_backends().items():
         print(f"{name:<14} {'available' if ok else 'unavailable'}  {why}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from loom.app.demo import run_demo
-
-    run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, repeats=a.repeats, seed=a.seed)
+    api.run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, repeats=a.repeats, seed=a.seed)
     return 0
 
 
+# -- profiling and fitting ------------------------------------------------------------------------
+def _families(a: argparse.Namespace) -> list[api.Family]:
+    if getattr(a, "family", None):
+        return [api.load_family(f) for f in a.family]
+    zoo = Path(a.zoo) if getattr(a, "zoo", None) else api.default_zoo()
+    return [api.load_family(zoo / t) for t in api.zoo_tasks(zoo)]
+
+
 def cmd_profile(a: argparse.Namespace) -> int:
-    from loom.core.paths import default_zoo, zoo_tasks
-    from loom.model.family import load_family
-    from loom.processors.device import load_device_profile
-    from loom.profiling.profile import ensure_partitions, format_summary, profile_device, summarize
-
-    device = load_device_profile(a.device)
+    device = api.load_device_profile(a.device)
     if a.partition:  # partitions made before (on another machine, for --remote): no family is re-cut
-        from loom.model.partition import load_partition
-
-        partitions = [load_partition(p) for p in a.partition]
+        partitions = [api.load_partition(p) for p in a.partition]
     else:
-        if a.family:
-            families = [load_family(f) for f in a.family]
-        else:
-            zoo = Path(a.zoo) if a.zoo else default_zoo()
-            families = [load_family(zoo / t) for t in zoo_tasks(zoo)]
-        partitions = ensure_partitions(families, a.partitions, k=a.k)
+        partitions = api.ensure_partitions(_families(a), a.partitions, k=a.k)
     out = Path(a.out) if a.out else Path("profiles/data") / device.name
     if a.remote:
-        from loom.profiling.remote import remote_profile
-
-        data = remote_profile(partitions, a.device, out, a.remote, python=a.remote_python, warmup=a.warmup,
-                              repeats=a.repeats, config_samples=a.config_samples, seed=a.seed,
-                              resume=not a.no_resume, allow_mixed=a.allow_mixed, processors=a.processor,
-                              keep_remote=a.keep_remote, timeout=a.remote_timeout)
+        data = api.remote_profile(partitions, a.device, out, a.remote, python=a.remote_python, warmup=a.warmup,
+                                  repeats=a.repeats, config_samples=a.config_samples, seed=a.seed,
+                                  resume=not a.no_resume, allow_mixed=a.allow_mixed, processors=a.processor,
+                                  keep_remote=a.keep_remote, timeout=a.remote_timeout)
     else:
-        data = profile_device(partitions, device, out, warmup=a.warmup, repeats=a.repeats,
-                              config_samples=a.config_samples, seed=a.seed, resume=not a.no_resume,
-                              allow_mixed=a.allow_mixed, processors=a.processor)
-    print(format_summary(summarize(data)))
+        data = api.profile_device(partitions, device, out, warmup=a.warmup, repeats=a.repeats,
+                                  config_samples=a.config_samples, seed=a.seed, resume=not a.no_resume,
+                                  allow_mixed=a.allow_mixed, processors=a.processor)
+    print(api.profile_summary(data))
     print(f"wrote {out / 'blocks.csv'}, {out / 'configs.csv'} and {out / 'meta.json'}")
     return 0
 
 
-def _families(a: argparse.Namespace) -> list:
-    from loom.core.paths import default_zoo, zoo_tasks
-    from loom.model.family import load_family
-
-    if getattr(a, "family", None):
-        return [load_family(f) for f in a.family]
-    zoo = Path(a.zoo) if getattr(a, "zoo", None) else default_zoo()
-    return [load_family(zoo / t) for t in zoo_tasks(zoo)]
-
-
 def cmd_fit(a: argparse.Namespace) -> int:
-    from loom.processors.device import load_device_profile
-    from loom.profiling.fitting import fit_estimates
-    from loom.profiling.profile import ensure_partitions, load_profile_dataset
-
-    device = load_device_profile(a.device)
-    data = load_profile_dataset(a.data or Path("profiles/data") / device.name)
-    partitions = ensure_partitions(_families(a), a.partitions, k=a.k)
-    est = fit_estimates(partitions, data, device, samples=a.samples, strategy=a.strategy, seed=a.seed, progress=say)
+    device = api.load_device_profile(a.device)
+    data = api.load_profile_dataset(a.data or Path("profiles/data") / device.name)
+    partitions = api.ensure_partitions(_families(a), a.partitions, k=a.k)
+    est = api.fit_estimates(partitions, data, device, samples=a.samples, strategy=a.strategy, seed=a.seed,
+                            progress=api.say)
     out = Path(a.out) if a.out else Path("out/estimates") / device.name
     est.save(out)
     for task, n in est.notes["accuracy"].items():
@@ -187,9 +154,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from loom.profiling.fitting import Estimates
-
-    est = Estimates.load(a.estimates)
+    est = api.Estimates.load(a.estimates)
     results = []
     for config in a.config:
         placement = a.placement.split(",")
@@ -207,13 +172,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_SLO_CONFIG = "configs/serve.yaml"
-
-
+# -- planning, serving, benchmarking --------------------------------------------------------------
 def cmd_plan(a: argparse.Namespace) -> int:
-    from loom.app.serve import describe_plans
-
-    out = describe_plans(a.config, policy=a.policy, limit=a.limit)
+    out = api.describe_plans(a.config, policy=a.policy, limit=a.limit)
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -228,10 +189,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from loom.app.serve import format_rows, serve
-
-    report = serve(a.config, out_dir=a.out, policy=a.policy, duration_s=a.duration)
-    print(format_rows([report["result"]]))
+    report = api.serve(a.config, out_dir=a.out, policy=a.policy, duration_s=a.duration)
+    print(api.format_rows([report["result"]]))
     for task, t in report["summary"]["tasks"].items():
         rate = t["slo_violation_rate"]
         print(f"  {task:<12} n={t['n']:<6} violations {rate if rate is None else f'{rate:.1%}'}  "
@@ -241,22 +200,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from loom.app.config import POLICIES
-    from loom.app.serve import bench, format_rows
-
-    report = bench(a.config, out_dir=a.out, policies=a.policy or list(POLICIES), duration_s=a.duration,
-                   simulate=a.simulate, device=a.device, load=a.load)
+    report = api.bench(a.config, out_dir=a.out, policies=a.policy or list(api.POLICIES), duration_s=a.duration,
+                       simulate=a.simulate, device=a.device, load=a.load)
     if report["simulated"]:
         print(f"SIMULATED, not measured: {report['source']}")
-    print(format_rows(report["runs"]))
+    print(api.format_rows(report["runs"]))
     print(f"wrote {a.out}/report.json and plots (violations.png, latency_cdf.png, timeline-*.png)")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+# -- the parser: one helper per command, in the order ``loom --help`` lists them --------------------
+def _variants_parser(sub: Commands) -> None:
     v = sub.add_parser("variants", help="make and list a family's variants").add_subparsers(dest="sub", required=True)
     p = v.add_parser("init", help="start a family from one dense ONNX and its data")
     p.add_argument("dense")
@@ -280,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family")
     p.set_defaults(fn=cmd_variants_list)
 
+
+def _partition_parser(sub: Commands) -> None:
     p = sub.add_parser("partition", help="find aligned cuts, cut every variant into K slots")
     p.add_argument("family")
     p.add_argument("-k", "--k", type=int, default=3)
@@ -290,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-manifest", action="store_true", help="record the aligned cuts in family.yaml")
     p.set_defaults(fn=cmd_partition)
 
+
+def _stitch_parser(sub: Commands) -> None:
     p = sub.add_parser("stitch", help="measure (and optionally merge) one stitched config")
     p.add_argument("partition")
     p.add_argument("--config", required=True, help="one variant per slot, e.g. int8,dense,unstructured-80")
@@ -297,16 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged-out", help="write the merged ONNX model here")
     p.set_defaults(fn=cmd_stitch)
 
+
+def _backends_parser(sub: Commands) -> None:
     p = sub.add_parser("backends", help="which backends can run here")
     p.set_defaults(fn=cmd_backends)
 
-    p = sub.add_parser("profile", help="measure every block on a device's processors, and a sample of placed configs")
+
+def _device_and_families(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """``--device``, then ``--zoo`` | ``--family`` (``profile`` adds ``--partition`` to the group)."""
     p.add_argument("--device", default="host", help="a profile name under profiles/ (host) or a YAML path")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--zoo", help="every family of this zoo (default: the embedded zoo)")
     src.add_argument("--family", action="append", help="a family folder or family.yaml (repeatable)")
-    src.add_argument("--partition", action="append",
-                     help="an existing partition folder or partition.yaml, profiled as it is (repeatable)")
+    return src
+
+
+def _profile_parser(sub: Commands) -> None:
+    p = sub.add_parser("profile", help="measure every block on a device's processors, and a sample of placed configs")
+    _device_and_families(p).add_argument(
+        "--partition", action="append", help="an existing partition folder or partition.yaml, profiled as it is (repeatable)")
     p.add_argument("-k", "--k", type=int, default=3)
     p.add_argument("--out", help="dataset folder (default profiles/data/<device>)")
     p.add_argument("--partitions", default="out/partitions",
@@ -328,11 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-remote", action="store_true", help="leave the job folder on the target")
     p.set_defaults(fn=cmd_profile)
 
+
+def _fit_parser(sub: Commands) -> None:
     p = sub.add_parser("fit", help="fit the latency and accuracy estimators from a profile dataset and a few measured configs")
-    p.add_argument("--device", default="host", help="a profile name under profiles/ (host) or a YAML path")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--zoo", help="every family of this zoo (default: the embedded zoo)")
-    src.add_argument("--family", action="append", help="a family folder or family.yaml (repeatable)")
+    _device_and_families(p)
     p.add_argument("-k", "--k", type=int, default=3)
     p.add_argument("--data", help="profile dataset folder (default profiles/data/<device>)")
     p.add_argument("--partitions", default="out/partitions")
@@ -343,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="estimates folder (default out/estimates/<device>)")
     p.set_defaults(fn=cmd_fit)
 
+
+def _predict_parser(sub: Commands) -> None:
     p = sub.add_parser("predict", help="predicted latency and accuracy of a config on a placement")
     p.add_argument("--estimates", default="out/estimates/host", help="a folder written by `loom fit`")
     p.add_argument("--task", required=True)
@@ -353,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_predict)
 
+
+def _plan_parser(sub: Commands) -> None:
     p = sub.add_parser("plan", help="each task's candidate plans under an SLO config, with predicted figures")
     p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
     p.add_argument("--policy", help="override the config's policy")
@@ -360,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
+
+def _serve_parser(sub: Commands) -> None:
     p = sub.add_parser("serve", help="serve an SLO config's trace for its duration, with a report")
     p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
     p.add_argument("--policy", help="override the config's policy")
@@ -367,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/serve")
     p.set_defaults(fn=cmd_serve)
 
+
+def _bench_parser(sub: Commands) -> None:
     p = sub.add_parser("bench", help="every policy on the same seeded trace of an SLO config")
     p.add_argument("config", nargs="?", default=DEFAULT_SLO_CONFIG)
     p.add_argument("--policy", action="append", help="only these policies (repeatable)")
@@ -380,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the config's rates to this multiple of the best static plan's capacity on the device")
     p.set_defaults(fn=cmd_bench)
 
+
+def _demo_parser(sub: Commands) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded zoo")
     p.add_argument("--zoo")
     p.add_argument("--out", default="out/demo")
@@ -389,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo)
+
+
+COMMANDS: tuple[Callable[[Commands], None], ...] = (
+    _variants_parser, _partition_parser, _stitch_parser, _backends_parser, _profile_parser, _fit_parser,
+    _predict_parser, _plan_parser, _serve_parser, _bench_parser, _demo_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loom", description="sparseloom: stitched multi-DNN serving on edge SoCs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return ap
 
 
@@ -396,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except LoomError as exc:
+    except api.LoomError as exc:
         print(f"loom: error: {exc}", file=sys.stderr)
         return 2
 

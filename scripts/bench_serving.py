@@ -39,10 +39,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loom.app.config import POLICIES, SloConfig  # noqa: E402
-from loom.app.serve import Deployment, RunResult, run_trace, scenario, slos_of, static_capacity  # noqa: E402
+from loom.app.deployment import Deployment  # noqa: E402
+from loom.app.run import RunResult, run_trace  # noqa: E402
+from loom.app.scenario import scenario, slos_of, static_capacity  # noqa: E402
 from loom.core.progress import say  # noqa: E402
-from loom.serving.metrics import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
-from placement.optimizer import fluid_goodput_bound  # noqa: E402
+from loom.serving.plots import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
+from placement.assignment import fluid_goodput_bound  # noqa: E402
 
 
 def measured_capacity(dep: Deployment, base: SloConfig, policy: str, *, start_rps: float, mix: dict[str, float],

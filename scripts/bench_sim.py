@@ -1,14 +1,14 @@
 """The simulator against the real runtime, and the simulator's speed.
 
 On the host device profile with the tasks of ``configs/serve.yaml`` (mid-run SLO
-change included), for every policy: one real run (``loom.app.serve.run_trace``: real
+change included), for every policy: one real run (``loom.app.run.run_trace``: real
 inference on the pinned workers) and one simulated run (``loom.app.simulate.simulate``,
 block latencies from the host's profile dataset) of the same seeded trace, at each
 ``--loads`` multiple of the config's rates. Then the simulator alone on a trace of at
 least ``--sim-requests`` requests, for its speed.
 
 Two simulations per real run: ``raw`` (the block tables and the plans' modelled
-dispatch and hand-off costs only) and ``calibrated`` (``loom.app.simulate.HostOverhead``:
+dispatch and hand-off costs only) and ``calibrated`` (``loom.app.sim_overhead.HostOverhead``:
 the waits around the blocks and the blocks' slowdown under load, drawn from one
 *calibration* run of ``--calibrate-policy`` on another seed; none of the validated runs
 is used to calibrate). ``simulated_*`` in the validation rows are the calibrated ones.
@@ -33,10 +33,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loom.app.config import POLICIES  # noqa: E402
-from loom.app.serve import Deployment, run_trace  # noqa: E402
-from loom.app.simulate import HostOverhead, LatencyModel, simulate  # noqa: E402
+from loom.app.deployment import Deployment  # noqa: E402
+from loom.app.run import run_trace  # noqa: E402
+from loom.app.sim_latency import LatencyModel  # noqa: E402
+from loom.app.sim_overhead import HostOverhead  # noqa: E402
+from loom.app.simulate import simulate  # noqa: E402
 from loom.core.progress import say  # noqa: E402
-from loom.profiling.profile import load_profile_dataset  # noqa: E402
+from loom.profiling.dataset import load_profile_dataset  # noqa: E402
 
 
 def rel(a: float | None, b: float | None) -> float | None:

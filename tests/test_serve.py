@@ -14,7 +14,9 @@ import yaml
 from test_profile import FAST, device_yaml
 
 from loom.app.config import POLICIES, load_slo_config
-from loom.app.serve import Deployment, bench, describe_plans, run_trace, serve, task_space
+from loom.app.deployment import Deployment, task_space
+from loom.app.run import run_trace
+from loom.app.serve import bench, describe_plans, serve
 from loom.core.errors import ConfigError
 from loom.processors.device import load_device_profile
 from loom.profiling.fitting import fit_estimates
@@ -153,9 +155,12 @@ def test_blocks_are_served_from_the_store_and_a_tampered_one_is_refused(setup, s
     root, dev_path, _est = setup
     parts = tmp_path / "partitions"
     shutil.copytree(synth_partition.root, parts / "synthetic")
+    shutil.copytree(synth_partition.store_root, parts / "synthetic" / synth_partition.store)  # its block store
     dep = Deployment.from_config(write_config(root, dev_path, synth_family, synth_partition,
                                               partitions=str(parts)))
-    assert dep.store is not None and dep.store.root == tmp_path / "blockstore"
+    # one block identity: serving reads the partition's own store, nothing is copied
+    assert dep.store is not None and dep.store.root.resolve() == (parts / "blockstore").resolve()
+    assert dep.store.root.resolve() == dep.partitions["synthetic"].store_root.resolve()
     assert set(dep.store.blocks) >= set(synth_partition.blocks) - set(dep.store.aliases)
     with dep.runtime("sv-lo-np") as rt:
         assert rt.block_store is dep.store
@@ -165,5 +170,5 @@ def test_blocks_are_served_from_the_store_and_a_tampered_one_is_refused(setup, s
     dep.store._verified.clear()  # a new process would not have verified it yet
     with pytest.raises(BlockIntegrityError, match=victim):
         dep.runtime("av-np")
-    # the partition's own copy is untouched
-    assert (parts / "synthetic" / "blocks" / f"{victim}.onnx").read_bytes() != b"not the block"
+    # the id is the sha256 of the bytes the partition wrote
+    assert victim in synth_partition.blocks

@@ -15,11 +15,14 @@ from test_serve import setup, write_config  # noqa: F401  (setup is a fixture)
 
 from loom.app.arrivals import TraceItem, make_trace
 from loom.app.config import POLICIES
-from loom.app.serve import Deployment, bench
-from loom.app.simulate import LatencyModel, SimRuntime, Slowdown, on_device, roofline_ms, simulate
+from loom.app.deployment import Deployment
+from loom.app.serve import bench
+from loom.app.sim_latency import LatencyModel, on_device, roofline_ms
+from loom.app.sim_runtime import SimRuntime, Slowdown
+from loom.app.simulate import simulate
 from loom.core.errors import ConfigError
 from loom.processors.device import load_device_profile
-from loom.profiling.profile import load_profile_dataset
+from loom.profiling.dataset import load_profile_dataset
 from loom.serving.correction import LatencyCorrector
 from loom.serving.runtime import TaskBinding
 from placement.plan import Plan
@@ -176,7 +179,7 @@ def test_roofline_is_slower_for_more_work_and_refuses_missing_precisions():
 
 
 def test_host_overhead_is_measured_only_where_the_processor_was_idle():
-    from loom.app.simulate import HostOverhead
+    from loom.app.sim_overhead import HostOverhead
     from loom.serving.metrics import RequestRecord
 
     def rec(i: int, arrival: float, spans: list) -> RequestRecord:

@@ -1,15 +1,9 @@
 """Request arrival processes and the request trace of a run.
 
-``arrival_times(spec, duration_s, seed)`` draws the arrival times of one task's
-process (``loom.app.config``'s ``poisson``, ``bursty``, ``periodic``, ``trace``);
-``make_trace(config)`` merges every task's arrivals into one time-ordered list of
-``TraceItem``. Both are deterministic for a seed: every policy of a comparison replays
-the same trace.
-
-Seeding: the run's seed makes a ``numpy.random.SeedSequence``, which spawns one child
-per task in the order of ``config.tasks``; each task's child spawns two streams, one for
-its arrival times and one for the evaluation samples its requests carry. Tasks are
-therefore independent, and adding a task at the end changes nobody else's requests.
+``arrival_times(spec, duration_s, seed)`` draws one task's arrival times (``poisson``,
+``bursty``, ``periodic``, ``trace``); ``make_trace(config)`` merges every task's into one
+time-ordered list of ``TraceItem``. Both are deterministic for a seed, and each task has
+its own streams (seeding: ``docs/app.md``): every policy of a comparison replays the same trace.
 """
 
 from __future__ import annotations

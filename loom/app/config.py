@@ -1,32 +1,10 @@
 """The SLO config: which tasks run, under which service-level objectives, how requests arrive.
 
-A user writes one YAML file (``configs/serve.yaml`` is an annotated example)::
-
-    schema_version: 1
-    device: host
-    policy: sparseloom
-    tasks:
-      - name: image-cls
-        family: zoo/image-cls
-        latency_ms: 4.0
-        accuracy_floor: 0.97
-        arrival: {process: poisson, rate_rps: 40}
-    run: {duration_s: 30, seed: 0}
-
-``load_slo_config(path)`` validates the whole file and reports every problem at once,
-each as ``field.path: why``, in one ``ConfigError`` that names the file: schema problems
-(types, ranges, unknown keys, an unknown policy with the allowed ones), files that are
-not there (a family folder, a trace file, a device profile, an estimators folder) and
-cross-field problems (two tasks with one name).
-
-Relative paths (``device`` when it is a path, ``estimators``, ``partitions``,
-``tasks[].family``, ``tasks[].arrival.file``) resolve against the YAML file's folder
-first, then the repository root, and are stored absolute. ``partitions`` may not
-exist yet (partitions are made there); when it exists in neither place it resolves
-against the repository root, where the CLI keeps its ``out/`` folder.
-
-An SLO may change during a run (``slo_changes``): ``SloConfig.slo_at(task, t_s)`` gives
-the bound and floor in force at a time.
+``load_slo_config(path)`` validates a YAML file (``configs/serve.yaml`` is an annotated
+example) and reports every problem at once, each as ``field.path: why``, in one
+``ConfigError`` naming the file; relative paths resolve against the file's folder, then
+the repository root. ``SloConfig.slo_at(task, t_s)`` gives the SLO in force at a time.
+The schema and its rules: ``docs/app.md``.
 """
 
 from __future__ import annotations

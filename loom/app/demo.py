@@ -25,8 +25,9 @@ from loom.core.onnxutil import load_model
 from loom.core.paths import default_zoo, zoo_tasks
 from loom.core.progress import Progress, say
 from loom.core.runref import session
+from loom.model.cutting import partition_family
 from loom.model.family import Family, load_family
-from loom.model.partition import Partition, partition_family
+from loom.model.partition import Partition
 from loom.model.stitch import evaluate_configs, merge_config
 from loom.model.variants import measure_accuracy
 from loom.profiling.measure import time_call
@@ -69,6 +70,39 @@ def bs1_latency(model_or_path: Any, x1: np.ndarray, input_name: str, *, repeats:
     return time_call(lambda: sess.run(None, feeds), warmup=3, repeats=repeats).as_dict()
 
 
+def measure_variants(family: Family, x1: np.ndarray, *, repeats: int) -> list[dict[str, Any]]:
+    """Each original variant's accuracy and batch-1 latency (median and p90)."""
+    variants = []
+    for v in family.variants:
+        acc = measure_accuracy(family, family.variant_path(v.name))
+        lat = bs1_latency(family.variant_path(v.name), x1, family.manifest.input.name, repeats=repeats, name=v.name)
+        variants.append({
+            "name": v.name, "kind": v.kind, "sparsity": v.sparsity, "precision": v.precision,
+            "accuracy": acc, "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
+            "size_bytes": v.size_bytes,
+        })
+    return variants
+
+
+def measure_configs(partition: Partition, family: Family, configs: Sequence[tuple[str, ...]], x1: np.ndarray, *,
+                    repeats: int, show: bool) -> list[dict[str, Any]]:
+    """Each config's accuracy (stitched as a chain) and its merged model's batch-1 latency."""
+    task = family.task
+    bar = Progress(len(configs), f"{task}: accuracy of {len(configs)} configs", enabled=show)
+    accuracy = evaluate_configs(partition, configs, family, on_done=lambda c, a: bar.update())
+    bar = Progress(len(configs), f"{task}: latency of {len(configs)} merged configs", enabled=show)
+    rows = []
+    for c in configs:
+        lat = bs1_latency(merge_config(partition, c), x1, family.manifest.input.name, repeats=repeats,
+                          name="|".join(c))
+        rows.append({
+            "config": list(c), "stitched": len(set(c)) > 1, "accuracy": accuracy[c],
+            "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
+        })
+        bar.update()
+    return rows
+
+
 def demo_task(
     family: Family,
     out: Path,
@@ -79,37 +113,16 @@ def demo_task(
     repeats: int,
     show: bool,
 ) -> dict[str, Any]:
+    """One task of the demo: partition, measure the originals and the chosen configs, count the non-dominated."""
     t0 = time.perf_counter()
     task = family.task
     partition: Partition = partition_family(family, out / "partitions" / task, k=k, progress=say if show else None)
-    x, _ = family.eval_data()
-    x1 = x[:1]
-    input_name = family.manifest.input.name
+    x1 = family.eval_data()[0][:1]
     names = list(partition.variants)
-
     say(f"{task}: measuring {len(names)} original variants")
-    variants = []
-    for v in family.variants:
-        acc = measure_accuracy(family, family.variant_path(v.name))
-        lat = bs1_latency(family.variant_path(v.name), x1, input_name, repeats=repeats, name=v.name)
-        variants.append({
-            "name": v.name, "kind": v.kind, "sparsity": v.sparsity, "precision": v.precision,
-            "accuracy": acc, "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
-            "size_bytes": v.size_bytes,
-        })
-
+    variants = measure_variants(family, x1, repeats=repeats)
     configs, exhaustive = select_configs(names, partition.k, max_configs, seed)
-    bar = Progress(len(configs), f"{task}: accuracy of {len(configs)} configs", enabled=show)
-    accuracy = evaluate_configs(partition, configs, family, on_done=lambda c, a: bar.update())
-    bar = Progress(len(configs), f"{task}: latency of {len(configs)} merged configs", enabled=show)
-    rows = []
-    for c in configs:
-        lat = bs1_latency(merge_config(partition, c), x1, input_name, repeats=repeats, name="|".join(c))
-        rows.append({
-            "config": list(c), "stitched": len(set(c)) > 1, "accuracy": accuracy[c],
-            "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
-        })
-        bar.update()
+    rows = measure_configs(partition, family, configs, x1, repeats=repeats, show=show)
     originals = [Point(v["accuracy"], v["latency_ms"]) for v in variants]
     stitched = [r for r in rows if r["stitched"]]
     non_dominated = [r for r in stitched if not dominated(Point(r["accuracy"], r["latency_ms"]), originals)]
