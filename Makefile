@@ -22,12 +22,15 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/loom demo --out $(OUT)/demo
 
-# Fast tests plus the slow ones that need no extra hardware (marked `slow`).
+# The layer contract (pyproject.toml: imports only point down, no circles), then the fast
+# tests plus the slow ones that need no extra hardware (marked `slow`).
 test: venv
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check loom backends estimators placement scripts tests
+	$(BIN)/lint-imports --no-cache
 
 # Rebuild the embedded zoo from scratch (trains with torch 2.13 CPU; ~8 minutes).
 $(ZOO_STAMP): $(STAMP)
