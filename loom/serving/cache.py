@@ -35,9 +35,11 @@ class BlockCache:
 
     def __init__(
         self, processor: str, backend: Backend, resolve: Callable[[str], Path], budget: MemoryBudget | None = None,
-        known_bytes: Callable[[str, str], int | None] | None = None,
+        known_bytes: Callable[[str, str], int | None] | None = None, clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.processor = processor
+        #: seconds, for timing loads (the runtime's clock: simulated in the simulator)
+        self._clock = clock
         #: a block's footprint measured offline (alone, the engine warm), preferred to the
         #: RSS growth seen at load: that one also holds the engine's one-off setup on the
         #: first load and whatever another worker's load allocated at the same moment
@@ -66,7 +68,7 @@ class BlockCache:
         if block is None:
             path = self._resolve(block_id)
             reserved = self._budget.before_load(self, block_id, protect) if self._budget is not None else 0
-            t0 = time.perf_counter()
+            t0 = self._clock()
             try:
                 block = self.backend.load(path, block_id=block_id)
             except LoomError:
@@ -77,7 +79,7 @@ class BlockCache:
                 if self._budget is not None:
                     self._budget.after_load(self, block_id, reserved, None)
                 raise BackendError(f"loading block {block_id} on {self.processor}: {exc}") from exc
-            dt = time.perf_counter() - t0
+            dt = self._clock() - t0
             known = self._known_bytes(block_id, self.processor) if self._known_bytes is not None else None
             nbytes = int(known) if known else int(self.backend.memory_bytes(block))
             if nbytes <= 0 and reserved > 0:

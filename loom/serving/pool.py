@@ -96,11 +96,16 @@ class WorkerPool:
                 backend = self.device.make_backend(processor)
             else:
                 raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
-            worker = EdfWorker(processor, backend, on_wake=lambda d, p=processor: self._on_wake(p, d))
+            worker = self.new_worker(processor, backend)
             self.caches[processor] = BlockCache(processor, backend, self.resolve, self.budget,
-                                                known_bytes=lambda b, p: self.block_bytes.get((b, p)))
+                                                known_bytes=lambda b, p: self.block_bytes.get((b, p)),
+                                                clock=self._now)
             self.workers[processor] = worker
             return worker
+
+    def new_worker(self, processor: str, backend: Backend) -> EdfWorker:
+        """A started worker for ``processor`` (the simulator's pool makes simulated ones)."""
+        return EdfWorker(processor, backend, on_wake=lambda d: self._on_wake(processor, d))
 
     def resolve(self, block_id: str) -> Path:
         store = self.block_store

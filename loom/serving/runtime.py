@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from loom.model.blockstore import BlockStore
     from loom.processors.device import DeviceProfile
 
-__all__ = ["BlockCache", "Runtime", "TaskBinding"]
+__all__ = ["BlockCache", "Runtime", "SegmentJob", "TaskBinding"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,11 @@ class Runtime:
         block_bytes: Mapping[Key, int] | None = None,
         rates: Mapping[str, float] | None = None,
         mix: Mixes | None = None,
+        clock: Callable[[], float] | None = None,
+        pool: Callable[..., WorkerPool] = WorkerPool,
     ) -> None:
+        """``clock``: seconds for every time the runtime takes (default: since it was made);
+        ``pool``: the kind of worker pool (the simulator gives one of simulated workers)."""
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
         self.device = device
@@ -115,23 +119,26 @@ class Runtime:
         #: (without them, every task at 1/s over equally likely candidates)
         self._rates = dict(rates or {})
         self._initial_mix = {t: dict(m) for t, m in (mix or {}).items()}
-        self._init_state()
-        self._pool = self._make_pool(given, float(prefetch_max_load_ms))
+        self._init_state(clock)
+        self._pool = self._make_pool(pool, given, float(prefetch_max_load_ms))
         priced = self.preloader is not None  # loads are priced only under a budget: without one, blocks stay
         self.scheduler = Scheduler(
             self.processors, corrector=self.corrector, on_unservable=on_unservable,
             resident=self._pool.is_resident if priced else None,
             load_ms=self._pool.load_estimate_ms if priced else None,
         )
-        self._t0 = time.perf_counter()
         try:
             self._start(tasks, given)
         except BaseException:
             self._pool.shutdown()
             raise
 
-    def _init_state(self) -> None:
-        """The request bookkeeping, all guarded by ``_lock``."""
+    def _init_state(self, clock: Callable[[], float] | None) -> None:
+        """The clock, and the request bookkeeping, all guarded by ``_lock``."""
+        if clock is None:
+            t0 = time.perf_counter()
+            clock = lambda: time.perf_counter() - t0  # noqa: E731
+        self._clock = clock
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -142,13 +149,14 @@ class Runtime:
         self._counts = {"submitted": 0, "ok": 0, "late": 0, "inaccurate": 0, "rejected": 0, "error": 0}
         self._preload_errors: list[str] = []
 
-    def _make_pool(self, backends: Mapping[str, Backend], prefetch_max_load_ms: float) -> WorkerPool:
+    def _make_pool(self, pool: Callable[..., WorkerPool], backends: Mapping[str, Backend],
+                   prefetch_max_load_ms: float) -> WorkerPool:
         """The processors' workers and caches, wired to this runtime's clock, scheduler and tasks.
 
         Idle-time prefetch loads only blocks whose (predicted) load is under
         ``prefetch_max_load_ms``: a load cannot be interrupted, and a request arriving meanwhile waits.
         """
-        return WorkerPool(
+        return pool(
             device=self.device, backends=backends, processors=self.processors, preloader=self.preloader,
             block_store=self.block_store, block_bytes=self.block_bytes, now=self.now, seq=self._seq,
             on_wake=lambda p, d: self.scheduler.observe_wake(p, d, self.now()),
@@ -179,8 +187,8 @@ class Runtime:
 
     # -- clock -------------------------------------------------------------------------------
     def now(self) -> float:
-        """Seconds since the runtime was made (the clock of its records)."""
-        return time.perf_counter() - self._t0
+        """Seconds on the runtime's clock (the clock of its records): by default since it was made."""
+        return self._clock()
 
     # -- wiring ------------------------------------------------------------------------------
     def _check_binding(self, binding: TaskBinding) -> None:
@@ -330,34 +338,41 @@ class Runtime:
         proc = req.segments[i][0]
         key: JobKey = (req.deadline_s, -float(req.binding.priority), req.seq)
         try:
-            self._pool.worker(proc).put(key, lambda: self._run_segment(req, i, env))
+            self._pool.worker(proc).put(key, SegmentJob(self, req, i, env))
         except BaseException as exc:  # a worker that cannot start, or closed under a cancel
             self._end(req, error=exc)
 
-    def _run_segment(self, req: Request, i: int, env: dict[str, np.ndarray]) -> None:
-        """Segment ``i`` of ``req``, on its worker's thread: run it, then hand off or deliver."""
+    def _begin_segment(self, req: Request, i: int) -> bool:
+        """Segment ``i`` starts on its processor now; False when ``req`` already ended (cancelled)."""
         if req.ended:
-            return  # cancelled (close(cancel=True)) while queued
-        proc, slots = req.segments[i]
-        reservation = req.reservations[i]
-        cache = self._pool.caches[proc]
+            return False
         now = self.now()
-        self.scheduler.start(reservation, now)
+        self.scheduler.start(req.reservations[i], now)
         if req.start_s is None:
             req.start_s = now
+        return True
+
+    def _execute_segment(self, req: Request, i: int, env: dict[str, np.ndarray]) -> LoadedBlock | BackendError:
+        """Run the segment's blocks: the last block run, or the error that stopped them."""
+        proc, slots = req.segments[i]
         try:
-            block = self._run_blocks(req, proc, slots, cache, env)
+            return self._run_blocks(req, proc, slots, self._pool.caches[proc], env)
         except BackendError as err:
-            self.scheduler.finish(reservation)
-            self._end(req, error=err)
+            return err
+
+    def _finish_segment(self, req: Request, i: int, env: dict[str, np.ndarray],
+                        outcome: LoadedBlock | BackendError) -> None:
+        """After the segment: release its reservation, then hand off to the next one or deliver."""
+        self.scheduler.finish(req.reservations[i])
+        if isinstance(outcome, BackendError):
+            self._end(req, error=outcome)
             return
-        self.scheduler.finish(reservation)
-        self._pool.maybe_prefetch(proc)
+        self._pool.maybe_prefetch(req.segments[i][0])
         if i + 1 < len(req.segments):
             if not req.ended:
                 self._enqueue(req, i + 1, env)
             return
-        self._deliver(req, block, env)
+        self._deliver(req, outcome, env)
 
     def _run_blocks(
         self, req: Request, proc: str, slots: list[int], cache: BlockCache, env: dict[str, np.ndarray]
@@ -491,3 +506,32 @@ class Runtime:
                 self.close(cancel=True)
         except Exception:
             pass
+
+
+class SegmentJob:
+    """One segment of a request, as its processor's worker runs it: begin, execute, finish.
+
+    A real worker calls it (the three phases in a row, on its thread); the simulator's
+    worker runs ``execute`` on a simulated clock and ``finish`` when that time has passed.
+    """
+
+    __slots__ = ("env", "i", "outcome", "req", "runtime")
+
+    def __init__(self, runtime: Runtime, req: Request, i: int, env: dict[str, np.ndarray]) -> None:
+        self.runtime, self.req, self.i, self.env = runtime, req, i, env
+        self.outcome: LoadedBlock | BackendError | None = None
+
+    def begin(self) -> bool:
+        return self.runtime._begin_segment(self.req, self.i)
+
+    def execute(self) -> None:
+        self.outcome = self.runtime._execute_segment(self.req, self.i, self.env)
+
+    def finish(self) -> None:
+        assert self.outcome is not None
+        self.runtime._finish_segment(self.req, self.i, self.env, self.outcome)
+
+    def __call__(self) -> None:
+        if self.begin():
+            self.execute()
+            self.finish()
