@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from estimators.accuracy import AccuracyEstimator
 from estimators.booster import BoosterEstimator
 from estimators.latency import LatencyEstimator
@@ -104,12 +106,17 @@ def load_estimator(
     if problems:
         warnings.warn(f"{model_path}: " + "; ".join(problems), StaleEstimatorWarning, stacklevel=2)
     booster, names = _read_booster(model_path, meta)
-    est = cls(**params)
-    est.booster_ = booster
-    est.feature_names_ = names
-    est.n_features_in_ = len(names)
-    est.n_train_rows_ = int(meta.get("n_train_rows", 0))
-    est._set_extra_state(meta.get("state") or {})
+    try:
+        est = cls(**params)
+        est.booster_ = booster
+        est.feature_names_ = names
+        est.n_features_in_ = len(names)
+        est.n_train_rows_ = int(meta.get("n_train_rows", 0))
+        est._set_extra_state(meta.get("state") or {})
+        est._encode_target(np.ones(1))  # an unknown target is refused here, not decoded silently
+        est.predict(np.zeros((1, len(names))))  # a malformed params or state fails here, not later
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise EstimatorFileError(f"{meta_path}: params or state do not restore a {cls.__name__}: {exc!r}") from exc
     est.metadata_ = meta
     return est
 

@@ -18,12 +18,18 @@ from typing import Any, Protocol
 
 from loom.core.compat import require
 from loom.core.errors import LoomError
+from loom.core.schema import check_fields, read_json
 
 FORMAT = "sparseloom-estimator"
 FORMAT_VERSION = 1
 
 #: the estimator classes ``load_estimator`` can restore, by the name saved in the metadata
 SAVABLE: tuple[str, ...] = ("LatencyEstimator", "AccuracyEstimator")
+#: the metadata's fields that loading reads, and their JSON types
+METADATA_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "estimator": str, "params": dict, "feature_names": list, "state": dict, "n_train_rows": int,
+    "fingerprint": (dict, type(None)), "versions": dict, "booster_sha256": str, "notes": dict,
+}
 
 
 class StaleEstimatorWarning(UserWarning):
@@ -127,15 +133,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise EstimatorFileError(f"{meta_path}: no such file (an estimator is saved as {model_path.name} "
                                  f"plus {meta_path.name})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EstimatorFileError(f"{meta_path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(meta_path, EstimatorFileError)
+    if meta.get("format") != FORMAT:
         raise EstimatorFileError(f"{meta_path}: not a sparseloom estimator's metadata")
     if meta.get("format_version") != FORMAT_VERSION:
         raise EstimatorFileError(f"{meta_path}: format version {meta.get('format_version')}, "
                                  f"this sparseloom reads {FORMAT_VERSION}")
+    check_fields(meta, METADATA_FIELDS, source=str(meta_path), error=EstimatorFileError,
+                 required=("estimator", "feature_names", "booster_sha256"))
+    names = meta["feature_names"]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise EstimatorFileError(f"{meta_path}: feature_names: expected distinct strings")
     return meta
 
 

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from pydantic import BaseModel, ConfigDict, Field
 
 from loom.core.errors import BlockIntegrityError, ManifestError
 from loom.core.onnxutil import MAX_IR_VERSION
+from loom.core.schema import Strict, read_json, validate
 from loom.model.partition import BlockInfo, Partition
 
 INDEX_FILE = "index.json"
@@ -95,6 +97,50 @@ class StoredBlock:
         )
 
 
+class _IndexBlock(Strict):
+    """A block as ``index.json`` records it (the schema a loaded index is checked against)."""
+
+    sha256: str
+    file: str = Field(pattern=r"^blocks/[^/\\]+\.onnx$")  # inside the store: ``prune`` deletes it
+    size_bytes: int = Field(ge=0)
+    slot: int = Field(ge=0)
+    inputs: list[str]
+    outputs: list[str]
+    macs: int
+    precision: str
+    users: list[tuple[str, str, int]]
+
+
+class _IndexTask(BaseModel):
+    """A task as ``index.json`` records it (its other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    k: int = Field(ge=1)
+    cuts: list[list[str]]
+    family: str
+    slot_macs_share: list[float] = Field(default_factory=list)
+    variants: dict[str, list[str]]
+
+
+class _Index(Strict):
+    format: int
+    blocks: dict[str, _IndexBlock]
+    aliases: dict[str, str] = Field(default_factory=dict)
+    tasks: dict[str, _IndexTask]
+
+
+def _index_problems(index: _Index) -> list[str]:
+    """Block ids that the tasks and aliases of a schema-valid index name but it lacks."""
+    problems = [f"aliases.{a}: block {b!r} is not in blocks" for a, b in index.aliases.items() if b not in index.blocks]
+    for task, t in index.tasks.items():
+        for variant, ids in t.variants.items():
+            if len(ids) != t.k:
+                problems.append(f"tasks.{task}.variants.{variant}: {len(ids)} block(s) for k={t.k}")
+            problems += [f"tasks.{task}.variants.{variant}[{slot}]: block {bid!r} is not in blocks"
+                         for slot, bid in enumerate(ids) if bid not in index.blocks]
+    return problems
+
+
 class BlockStore:
     """Blocks of many partitions, each distinct content stored and verified once."""
 
@@ -117,20 +163,21 @@ class BlockStore:
         return self.root / INDEX_FILE
 
     def _load_index(self) -> None:
-        try:
-            data = json.loads(self.index_path.read_text())
-            if data.get("format") != INDEX_FORMAT:
-                raise ManifestError(
-                    f"{self.index_path}: block store index format {data.get('format')!r}, "
-                    f"this sparseloom reads {INDEX_FORMAT}"
-                )
-            self.blocks = {bid: StoredBlock.from_json(bid, b) for bid, b in data["blocks"].items()}
-            self.aliases = dict(data.get("aliases", {}))
-            self.tasks = dict(data["tasks"])
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ManifestError):
-                raise
-            raise ManifestError(f"{self.index_path}: malformed block store index: {exc}") from exc
+        """Read ``index.json``; ``ManifestError`` naming it (and the field) when it is not a valid index."""
+        data = read_json(self.index_path, ManifestError)
+        if data.get("format") != INDEX_FORMAT:
+            raise ManifestError(
+                f"{self.index_path}: block store index format {data.get('format')!r}, "
+                f"this sparseloom reads {INDEX_FORMAT}"
+            )
+        source = f"{self.index_path}: malformed block store index"
+        index = validate(_Index, data, source=source, error=ManifestError)
+        problems = _index_problems(index)
+        if problems:
+            raise ManifestError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        self.blocks = {bid: StoredBlock.from_json(bid, b.model_dump()) for bid, b in index.blocks.items()}
+        self.aliases = dict(index.aliases)
+        self.tasks = {name: t.model_dump() for name, t in index.tasks.items()}
 
     def save(self) -> Path:
         """Write the index (atomically: a crash mid-write leaves the previous index)."""

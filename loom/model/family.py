@@ -1,7 +1,8 @@
 """Family manifests: the variants of one base model for one task, plus its data and metric.
 
 A ``family.yaml`` sits beside its ONNX files and ``.npz`` data; paths in it are
-relative to it. ``load_family`` validates the whole file (schema, then files on disk)
+relative to it and must stay inside its folder (symlinks resolved; ``allow_outside``
+lifts that). ``load_family`` validates the whole file (schema, then files on disk)
 and reports every problem in one ``ManifestError`` that names the file and the field.
 """
 
@@ -172,13 +173,23 @@ class Family:
         return self.path
 
 
-def _check_files(manifest: Manifest, root: Path) -> list[str]:
+def _outside(root: Path, rel: str, field: str) -> str | None:
+    """The problem with a manifest path that resolves (symlinks followed) outside ``root``, if it does."""
+    resolved = (root / rel).resolve()
+    if resolved.is_relative_to(root.resolve()):
+        return None
+    return (f"{field}: {rel!r} resolves to {resolved}, outside the family folder {root} "
+            "(load_family(..., allow_outside=True) allows that)")
+
+
+def _check_files(manifest: Manifest, root: Path, *, allow_outside: bool = False) -> list[str]:
     """Problems with files on disk, each naming its field (schema already valid)."""
     problems: list[str] = []
     for field, spec in (("eval_data", manifest.eval_data), ("calib_data", manifest.calib_data)):
         path = root / spec.file
-        if not path.is_file():
-            problems.append(f"{field}.file: no such file {spec.file!r} (looked in {root})")
+        outside = None if allow_outside else _outside(root, spec.file, f"{field}.file")
+        if outside or not path.is_file():
+            problems.append(outside or f"{field}.file: no such file {spec.file!r} (looked in {root})")
             continue
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -191,21 +202,27 @@ def _check_files(manifest: Manifest, root: Path) -> list[str]:
             if key and key not in keys:
                 problems.append(f"{field}.{key_field}: {spec.file!r} has no array {key!r} (has {sorted(keys)})")
     for i, variant in enumerate(manifest.variants):
-        if not (root / variant.file).is_file():
+        outside = None if allow_outside else _outside(root, variant.file, f"variants[{i}].file")
+        if outside:
+            problems.append(outside)
+        elif not (root / variant.file).is_file():
             problems.append(f"variants[{i}].file: no such file {variant.file!r} (looked in {root})")
     if not any(v.kind == "dense" for v in manifest.variants):
         problems.append("variants: no variant of kind 'dense' (cuts are checked against it)")
     return problems
 
 
-def load_family(path: str | Path) -> Family:
-    """Load ``family.yaml`` (or the folder holding it) and validate all of it."""
+def load_family(path: str | Path, *, allow_outside: bool = False) -> Family:
+    """Load ``family.yaml`` (or the folder holding it) and validate all of it.
+
+    ``allow_outside``: accept variant and data files outside the family's folder.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
     data = read_yaml(path, ManifestError)
     manifest = validate(Manifest, data, source=str(path), error=ManifestError)
-    problems = _check_files(manifest, path.parent)
+    problems = _check_files(manifest, path.parent, allow_outside=allow_outside)
     if problems:
         raise ManifestError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return Family(manifest, path.parent)

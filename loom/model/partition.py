@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from loom.core.errors import ManifestError
+from loom.core.schema import Strict, read_yaml, validate
 from loom.model.family import Family, load_family
 
 PARTITION_FILE = "partition.yaml"
@@ -92,26 +94,68 @@ class Partition:
         return path
 
 
+class _BlockEntry(Strict):
+    """A block as ``partition.yaml`` lists it (the schema a loaded file is checked against)."""
+
+    slot: int = Field(ge=0)
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+    macs: int
+    size_bytes: int
+    precision: str
+    variants: list[str] = Field(default_factory=list)
+
+
+class _PartitionFile(Strict):
+    task: str
+    family: str
+    k: int | None = None
+    cuts: list[list[str]]
+    slot_macs_share: list[float] = Field(default_factory=list)
+    variants: dict[str, list[str]]
+    blocks: dict[str, _BlockEntry]
+    verification: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    store: str = ""
+
+
+def _consistency(data: _PartitionFile) -> list[str]:
+    """Problems between the fields of a schema-valid partition file, each naming its field."""
+    k = len(data.cuts) + 1
+    problems = [f"k: {data.k}, but {len(data.cuts)} cut(s) make {k} slots"] if data.k not in (None, k) else []
+    for variant, ids in data.variants.items():
+        if len(ids) != k:
+            problems.append(f"variants.{variant}: {len(ids)} block(s) for {k} slots")
+        for slot, bid in enumerate(ids):
+            block = data.blocks.get(bid)
+            if block is None:
+                problems.append(f"variants.{variant}[{slot}]: block {bid!r} is not in blocks")
+            elif block.slot != slot:
+                problems.append(f"variants.{variant}[{slot}]: block {bid!r} is of slot {block.slot}")
+    return problems
+
+
 def load_partition(path: str | Path) -> Partition:
-    """Read ``partition.yaml`` (``path`` is the file or its folder)."""
+    """Read ``partition.yaml`` (``path`` is the file or its folder); ``ManifestError`` naming the
+    file and field when it is not a well-formed partition."""
     path = Path(path)
     if path.is_dir():
         path = path / PARTITION_FILE
     if not path.is_file():
         raise ManifestError(f"{path}: no such partition file (run `loom partition` first)")
-    data = yaml.safe_load(path.read_text())
-    try:
-        blocks = {bid: BlockInfo(id=bid, **b) for bid, b in data["blocks"].items()}
-        return Partition(
-            task=data["task"],
-            family_path=data["family"],
-            cuts=data["cuts"],
-            variants=data["variants"],
-            blocks=blocks,
-            root=path.parent,
-            slot_macs_share=data.get("slot_macs_share", []),
-            verification=data.get("verification", {}),
-            store=str(data.get("store", "")),
-        )
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"{path}: malformed partition file: {exc}") from exc
+    source = f"{path}: malformed partition file"
+    data = validate(_PartitionFile, read_yaml(path, ManifestError), source=source, error=ManifestError)
+    problems = _consistency(data)
+    if problems:
+        raise ManifestError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return Partition(
+        task=data.task,
+        family_path=data.family,
+        cuts=data.cuts,
+        variants=data.variants,
+        blocks={bid: BlockInfo(id=bid, **b.model_dump()) for bid, b in data.blocks.items()},
+        root=path.parent,
+        slot_macs_share=data.slot_macs_share,
+        verification=data.verification,
+        store=data.store,
+    )

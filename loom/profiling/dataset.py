@@ -22,6 +22,7 @@ import numpy as np
 from loom.core.errors import ConfigError
 from loom.core.paths import REPO_ROOT
 from loom.core.progress import say
+from loom.core.schema import check_fields, read_json
 
 FORMAT_VERSION = 1
 BLOCKS_CSV = "blocks.csv"
@@ -179,12 +180,15 @@ def _read_rows(path: Path, columns: dict[str, str]) -> list[dict[str, Any]]:
         return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ProfileDataError(f"{path}: header lacks column(s) {missing}")
-        return [_parse_row(raw, header, columns, f"{path}: row {n} (line {reader.line_num})")
-                for n, raw in enumerate(reader, start=1)]
+        try:
+            header = list(reader.fieldnames or [])
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise ProfileDataError(f"{path}: header lacks column(s) {missing}")
+            return [_parse_row(raw, header, columns, f"{path}: row {n} (line {reader.line_num})")
+                    for n, raw in enumerate(reader, start=1)]
+        except (UnicodeDecodeError, csv.Error) as exc:  # a binary or corrupted file
+            raise ProfileDataError(f"{path}: line {reader.line_num + 1}: not readable CSV text: {exc}") from None
 
 
 def _row_problem(row: dict[str, Any], columns: dict[str, str]) -> tuple[str, str] | None:
@@ -206,12 +210,19 @@ def _row_problem(row: dict[str, Any], columns: dict[str, str]) -> tuple[str, str
     return None
 
 
+#: fields of ``meta.json`` that sparseloom reads, and their JSON types (each may be absent)
+META_FIELDS: dict[str, type] = {"fingerprints": dict, "fingerprint": dict, "fingerprint_id": str, "runs": list,
+                                "partitions": dict, "link_calibration": dict, "device": str}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """``meta.json`` parsed; ``ProfileDataError`` when it is not JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileDataError(f"{path}: not valid JSON: {exc}") from exc
+    """``meta.json`` parsed; ``ProfileDataError`` naming the file (and field) when it is not JSON,
+    not an object, or a field sparseloom reads has another type."""
+    meta = read_json(path, ProfileDataError)
+    check_fields(meta, META_FIELDS, source=str(path), error=ProfileDataError)
+    for i, run in enumerate(meta.get("runs", [])):
+        check_fields({f"runs[{i}]": run}, {f"runs[{i}]": dict}, source=str(path), error=ProfileDataError)
+    return meta
 
 
 def load_profile_dataset_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from estimators.sampling import (
 )
 from loom.core.errors import ConfigError, LoomError
 from loom.core.onnxutil import load_model
+from loom.core.schema import check_fields, read_json
 from loom.model.family import Family
 from loom.model.partition import Partition, load_partition
 from loom.model.signals import cut_activations
@@ -72,8 +73,12 @@ def partition_features(partition: Partition) -> dict[str, dict[str, float]]:
     """``block_features`` of every block of a partition, by block id (cached beside the blocks)."""
     cache = partition.root / "features.json"
     if cache.is_file():
-        data = json.loads(cache.read_text())
-        if set(data) == set(partition.blocks):
+        try:  # a cache: unreadable or of another shape, it is recomputed
+            data = read_json(cache, EstimatesError)
+        except EstimatesError:
+            data = {}
+        if set(data) == set(partition.blocks) and all(
+                isinstance(f, dict) and all(isinstance(v, (int, float)) for v in f.values()) for f in data.values()):
             return data
     feats = {bid: block_features(load_model(partition.block_path(bid), check=False)) for bid in partition.blocks}
     cache.write_text(json.dumps(feats))
@@ -332,37 +337,86 @@ class Estimates:
 
     @classmethod
     def load(cls, folder: str | Path) -> Estimates:
+        """Read a folder ``save`` wrote; ``EstimatesError`` (or the typed error of the partition or
+        estimator file at fault) naming the file and field when anything in it is malformed."""
         folder = Path(folder)
         path = folder / ESTIMATES_FILE
         if not path.is_file():
             raise EstimatesError(f"{path}: no such file (run `loom fit` first)")
-        try:
-            meta = json.loads(path.read_text())
-            tasks = {name: _load_task(folder / "tasks" / name, name, t) for name, t in meta["tasks"].items()}
-            return cls(
-                device=meta["device"],
-                processors=meta["processors"],
-                latency=load_estimator(folder / "latency.json"),  # type: ignore[arg-type]
-                links=LinkModel.from_dict(json.loads((folder / "links.json").read_text())),
-                tasks=tasks,
-                fingerprint=meta.get("fingerprint") or {},
-                notes=meta.get("notes") or {},
-            )
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise EstimatesError(f"{folder}: malformed estimates folder: {exc!r}") from exc
+        meta = read_json(path, EstimatesError)
+        check_fields(meta, ESTIMATES_FIELDS, source=f"{path}: malformed estimates folder",
+                     error=EstimatesError, required=("device", "processors", "tasks"))
+        processors = _parsed(path, "processors", meta["processors"],
+                             lambda p: {name: {k: float(v) for k, v in feats.items()} for name, feats in p.items()})
+        tasks = {name: _load_task(folder / "tasks" / name, name, t, path) for name, t in meta["tasks"].items()}
+        return cls(
+            device=meta["device"],
+            processors=processors,
+            latency=load_estimator(folder / "latency.json"),  # type: ignore[arg-type]
+            links=_parsed(folder / "links.json", "links", read_json(folder / "links.json", EstimatesError),
+                          LinkModel.from_dict),
+            tasks=tasks,
+            fingerprint=meta.get("fingerprint") or {},
+            notes=meta.get("notes") or {},
+        )
 
 
-def _load_task(tdir: Path, name: str, entry: dict[str, Any]) -> TaskEstimates:
-    """A task's estimates from its entry of ``estimates.json`` and its folder."""
+#: fields of ``estimates.json`` and their JSON types
+ESTIMATES_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "device": str, "processors": dict, "tasks": dict, "fingerprint": (dict, type(None)), "notes": (dict, type(None)),
+}
+_T = TypeVar("_T")
+
+
+def _parsed(path: Path, field: str, data: Any, parse: Callable[[Any], _T]) -> _T:
+    """``parse(data)``, the ``field`` read from ``path``; data of the wrong shape is an ``EstimatesError``
+    naming the file and field."""
+    try:
+        return parse(data)
+    except LoomError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        why = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise EstimatesError(f"{path}: malformed estimates folder: {field}: {why}") from exc
+
+
+def _load_task(tdir: Path, name: str, entry: Any, path: Path) -> TaskEstimates:
+    """A task's estimates from its entry of ``estimates.json`` (``path``) and its folder."""
+    check_fields({name: entry}, {name: dict}, source=f"{path}: malformed estimates folder: tasks", error=EstimatesError)
+    check_fields(entry, {"partition": str, "variants": dict, "measured": list, "unsupported": list},
+                 source=f"{path}: malformed estimates folder: tasks.{name}", error=EstimatesError,
+                 required=("partition", "variants"))
+    compat_path = tdir / "compat.json"
     return TaskEstimates(
         task=name,
         partition=load_partition(resolve_partition_ref(entry["partition"])),
         accuracy=load_estimator(tdir / "accuracy.json"),  # type: ignore[arg-type]
-        compat=compatibility_from_json(json.loads((tdir / "compat.json").read_text())),
-        variants=entry["variants"],
-        measured={tuple(m["config"]): float(m["accuracy"]) for m in entry.get("measured", [])},
-        unsupported={(u["block"], u["processor"]): u["why"] for u in entry.get("unsupported", [])},
+        compat=_parsed(compat_path, "compat", read_json(compat_path, EstimatesError, kind=list),
+                       compatibility_from_json),
+        variants=_parsed(path, f"tasks.{name}.variants", entry["variants"], _variant_facts),
+        measured=_parsed(path, f"tasks.{name}.measured", entry.get("measured", []), _measured),
+        unsupported=_parsed(path, f"tasks.{name}.unsupported", entry.get("unsupported", []),
+                            lambda us: {(u["block"], u["processor"]): str(u["why"]) for u in us}),
     )
+
+
+def _measured(entries: list[Any]) -> dict[Config, float]:
+    """An entry's measured configs, checked: each config a list of variant names."""
+    out = {}
+    for i, m in enumerate(entries):
+        if not isinstance(m["config"], list) or not all(isinstance(v, str) for v in m["config"]):
+            raise ValueError(f"[{i}].config: expected a list of variant names")
+        out[tuple(m["config"])] = float(m["accuracy"])
+    return out
+
+
+def _variant_facts(variants: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """An entry's variant facts, checked: each a mapping with a numeric accuracy."""
+    for v, facts in variants.items():
+        if not isinstance(facts, dict) or isinstance(facts.get("accuracy"), bool) or not isinstance(
+                facts.get("accuracy"), (int, float)):
+            raise ValueError(f"{v}: expected an object with a numeric accuracy")
+    return variants
 
 
 def unsupported_pairs(data: ProfileDataset, partition: Partition) -> dict[tuple[str, str], str]:

@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
-from loom.core.errors import ConfigError
+from loom.core.errors import ConfigError, ManifestError
 from loom.core.paths import REPO_ROOT
+from loom.core.schema import read_yaml
 from loom.model.family import Family
 from loom.model.partition import PARTITION_FILE, Partition
 from loom.profiling.dataset import (
@@ -135,7 +136,7 @@ def _stage_partition(part: Partition, dest: Path, family_rel: str, job: StagedJo
         for extra in _external_data(src):
             extra_rel = (PurePosixPath(rel).parent / _inside(extra, f"{src}: external data")).as_posix()
             _copy(part.root / extra_rel, dest / extra_rel, job)
-    data = yaml.safe_load((part.root / PARTITION_FILE).read_text())
+    data = read_yaml(part.root / PARTITION_FILE, ManifestError)
     data["family"] = family_rel
     (dest / PARTITION_FILE).write_text(yaml.safe_dump(data, sort_keys=False, width=120))
 
