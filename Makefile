@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[openvino,tvm,dev]'
+	# the PyTorch backend's tests: CPU torch (its wheel lies on these machines' disks) and
+	# onnx2torch without torchvision, whose PyPI build (for CUDA torch) fails to import here
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-deps 'onnx2torch>=1.5'
 	touch $(STAMP)
 
 venv: $(STAMP)

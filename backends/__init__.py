@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "openvino": "backends.openvino:OpenVinoBackend",
     "tvm": "backends.tvm:TvmBackend",
     "tensorrt": "backends.tensorrt:TensorRtBackend",
+    "torch": "backends.torch:TorchBackend",
     "null": "backends.null:NullBackend",
 }
 

@@ -22,7 +22,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "xgboost": ("xgboost-cpu", "the learned latency and accuracy estimators"),
     "tvm": ("apache-tvm", "the TVM backend"),
     "tensorrt": ("tensorrt", "the TensorRT backend (NVIDIA GPUs only)"),
-    "torch": ("torch==2.13.0", "the zoo builder (pip install 'sparseloom[zoo]')"),
+    "torch": ("'sparseloom[torch]'", "the PyTorch backend and the zoo builder"),
+    "onnx2torch": ("'sparseloom[torch]'", "the PyTorch backend"),
     "mnist1d": ("mnist1d", "the zoo builder's MNIST-1D tasks"),
     "sklearn": ("scikit-learn", "the zoo builder's digits task"),
 }
