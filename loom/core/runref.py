@@ -7,12 +7,16 @@ variants and read intermediate tensors; this is it. Serving goes through ``backe
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from loom.core.errors import ModelError
+
+#: what scoring does with NaN/inf outputs: refuse the model, or count those samples wrong
+NonFinite = Literal["raise", "wrong"]
 
 
 def session(model: onnx.ModelProto | bytes, *, name: str, threads: int = 1) -> ort.InferenceSession:
@@ -56,5 +60,47 @@ def run_batched(
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=-1) == labels).mean())
+def predicted_classes(outputs: np.ndarray, *, name: str = "outputs", nonfinite: NonFinite = "raise") -> np.ndarray:
+    """One class per sample: top-1 over the last axis of logits or probabilities, or the
+    output itself when it is integer (class ids, one per sample).
+
+    A float output with NaN/inf is refused (``nonfinite="raise"``: ``ModelError`` naming
+    ``name``) or its samples predict class -1, which no label matches (``"wrong"``).
+    """
+    out = np.asarray(outputs)
+    if out.ndim == 0:
+        raise ModelError(f"{name}: a scalar output, not one prediction per sample")
+    n = len(out)
+    if np.issubdtype(out.dtype, np.integer) or out.dtype == np.bool_:
+        if out[0].size != 1:
+            raise ModelError(f"{name}: integer output of shape {list(out.shape)} is read as class ids, "
+                             "which needs one id per sample")
+        return out.reshape(n).astype(np.int64)
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ModelError(f"{name}: output of dtype {out.dtype} is neither scores nor class ids")
+    bad = ~np.isfinite(out).reshape(n, -1).all(axis=1)
+    if bad.any() and nonfinite == "raise":
+        raise ModelError(
+            f"{name}: {int((~np.isfinite(out)).sum())} non-finite value(s) (NaN/inf) in {int(bad.sum())} of {n} "
+            "evaluation sample(s); a model that outputs NaN/inf (an fp16 overflow, say) is not scored"
+        )
+    pred = out.argmax(axis=-1).reshape(n, -1)
+    if pred.shape[1] != 1:
+        raise ModelError(f"{name}: output of shape {list(out.shape)} gives {pred.shape[1]} predictions per sample, not one")
+    pred = pred[:, 0].astype(np.int64)
+    pred[bad] = -1
+    return pred
+
+
+def top1_accuracy(
+    outputs: np.ndarray, labels: np.ndarray, *, name: str = "outputs", nonfinite: NonFinite = "raise"
+) -> float:
+    """Share of samples whose predicted class (``predicted_classes``) equals the label.
+
+    The one scoring function: variants, stitched configs and the demo all score with it.
+    """
+    pred = predicted_classes(outputs, name=name, nonfinite=nonfinite)
+    y = np.asarray(labels)
+    if y.ndim == 0 or len(y) != len(pred) or y[0].size != 1:
+        raise ModelError(f"{name}: {len(pred)} prediction(s) against labels of shape {list(y.shape)}")
+    return float((pred == y.reshape(len(y))).mean())

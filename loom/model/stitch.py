@@ -17,7 +17,7 @@ import onnx
 from backends.base import Backend, LoadedBlock
 from loom.core.errors import ManifestError
 from loom.core.onnxutil import MAX_IR_VERSION, load_model, node_inputs
-from loom.core.runref import run_batched, session, top1_accuracy
+from loom.core.runref import predicted_classes, run_batched, session, top1_accuracy
 from loom.model.family import Family
 from loom.model.partition import Partition
 
@@ -161,7 +161,11 @@ def evaluate_config(
     limit: int | None = None,
     reference: np.ndarray | None = None,
 ) -> float:
-    """The config's metric on the family's evaluation data (top-1, or agreement with dense)."""
+    """The config's metric on the family's evaluation data (top-1, or agreement with dense).
+
+    A sample whose outputs are NaN/inf counts as wrong: a stitched config is scored, never
+    refused (its variants' own outputs were checked finite when they were made).
+    """
     family = family or partition.family()
     x, y = family.eval_data(limit)
     feeds = {family.manifest.input.name: x}
@@ -171,14 +175,15 @@ def evaluate_config(
     else:
         with StitchedModel(partition, config) as model:
             logits = model.run(feeds, batch=64)[out_name]
+    what = f"config {'|'.join(config)}: output {out_name!r}"
     if family.manifest.metric.name == "top1":
         if y is None:
             raise ManifestError(f"{family.path}: metric top1 needs eval_data.y")
-        return top1_accuracy(logits, y)
+        return top1_accuracy(logits, y, name=what, nonfinite="wrong")
     if reference is None:
         dense = family.reference_variant().name
         reference = run_batched(session(load_model(family.variant_path(dense)), name=dense), feeds)[out_name]
-    return top1_accuracy(logits, reference.argmax(-1))
+    return top1_accuracy(logits, predicted_classes(reference, name="reference"), name=what, nonfinite="wrong")
 
 
 def evaluate_configs(
@@ -229,7 +234,7 @@ def evaluate_configs(
             out = run_block(partition.variants[variant][s], env)
             config = (*prefix, variant)
             if s == partition.k - 1:
-                acc = top1_accuracy(out[out_name], labels)
+                acc = top1_accuracy(out[out_name], labels, name=f"config {'|'.join(config)}", nonfinite="wrong")
                 results[config] = acc
                 if on_done:
                     on_done(config, acc)
@@ -249,4 +254,4 @@ def _labels(family: Family, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
     dense = family.reference_variant().name
     ref = run_batched(session(load_model(family.variant_path(dense)), name=dense),
                       {family.manifest.input.name: x})
-    return ref[family.manifest.output.name].argmax(-1)
+    return predicted_classes(ref[family.manifest.output.name], name=f"{dense}: output {family.manifest.output.name!r}")

@@ -18,11 +18,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from loom.core.atomic import staged_file, staged_folder
 from loom.core.errors import ManifestError, ModelError
 from loom.core.onnxutil import infer_shapes, load_model, save_model
-from loom.core.runref import run_batched, session, top1_accuracy
+from loom.core.runref import predicted_classes, run_batched, session, top1_accuracy
 from loom.model.cuts import GraphIndex, candidate_cuts
-from loom.model.family import DataSpec, Family, Manifest, Metric, TensorSpec, Variant, load_family
+from loom.model.family import DataSpec, Family, Manifest, Metric, Variant, load_family
+from loom.model.importing import normalize_model, read_sample, tensor_spec
 
 Progress = Callable[[str], None]
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}
@@ -245,7 +247,7 @@ def prune_structured(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.Mode
         def sliced(name: str, axis: int, tag: str, keep: np.ndarray = keep, gi: int = gi) -> str:
             value = np.take(inits[name], keep, axis=axis)
             new = f"{name}__{tag}{gi}"
-            new_inits[new] = value
+            new_inits[new] = inits[new] = value  # a sink's weight may be the next group's producer
             return new
 
         prod.input[1] = sliced(prod.input[1], w_axis, "out")
@@ -427,17 +429,20 @@ def _restore_names(src: onnx.ModelProto, out: onnx.ModelProto, preserve: Sequenc
 
 
 # -- families ----------------------------------------------------------------------------------
-def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None) -> float:
+def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None, label: str = "") -> float:
+    """The family's metric for the model at ``path`` (scored by ``top1_accuracy``; NaN/inf refused)."""
     x, y = family.eval_data()
     sess = session(load_model(path), name=str(path))
-    logits = run_batched(sess, {family.manifest.input.name: x})[family.manifest.output.name]
+    out_name = family.manifest.output.name
+    outputs = run_batched(sess, {family.manifest.input.name: x})[out_name]
+    what = f"{label or path.name}: output {out_name!r}"
     if family.manifest.metric.name == "top1":
         if y is None:
             raise ManifestError(f"{family.path}: metric top1 needs labels (eval_data.y)")
-        return top1_accuracy(logits, y)
+        return top1_accuracy(outputs, y, name=what)
     if reference is None:
         raise ValueError("metric 'agreement' needs the dense variant's logits as reference")
-    return top1_accuracy(logits, reference.argmax(-1))
+    return top1_accuracy(outputs, predicted_classes(reference, name="dense reference"), name=what)
 
 
 def init_family(
@@ -452,34 +457,36 @@ def init_family(
     description: str = "",
     made_by: str = "",
 ) -> Family:
-    """Start a family in ``out_dir`` from one dense ONNX (copied there) and its data files."""
+    """Start a family in ``out_dir`` from one dense ONNX (normalized on import, then copied there).
+
+    The data files must already be in ``out_dir``. Everything is written into a folder
+    beside ``out_dir`` and moved in only once the dense variant is scored: a failure
+    leaves ``out_dir`` as it was.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(dense)
-    target = out / "dense.onnx"
-    if Path(dense).resolve() != target.resolve():
-        save_model(model, target)
+    sample = read_sample(out / eval_file, "eval_data")
+    read_sample(out / calib_file, "calib_data")
+    imported = normalize_model(load_model(dense, check=False), name=str(dense), sample=sample)
+    model = imported.model
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1 or len(model.graph.output) != 1:
         raise ModelError(f"{dense}: a family model needs one input and one output (has {len(inputs)} and {len(model.graph.output)})")
-
-    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        return TensorSpec(name=vi.name, shape=dims)
-
+    made_by = made_by or "the dense model"
+    if imported.notes:
+        made_by += "; normalized on import: " + "; ".join(imported.notes)
     manifest = Manifest(
-        task=task, description=description, input=spec(inputs[0]), output=spec(model.graph.output[0]),
+        task=task, description=description, input=tensor_spec(inputs[0]), output=tensor_spec(model.graph.output[0]),
         num_classes=num_classes, metric=Metric(name=metric),
         eval_data=DataSpec(file=eval_file, y="y" if metric == "top1" else None),
         calib_data=DataSpec(file=calib_file, y=None),
-        variants=[Variant(name="dense", file="dense.onnx", kind="dense", made_by=made_by or "the dense model")],
+        variants=[Variant(name="dense", file="dense.onnx", kind="dense", made_by=made_by)],
     )
-    family = Family(manifest, out)
-    family.save()
-    family = load_family(out)
-    add_variant(family, "dense", target, kind="dense", made_by=made_by or "the dense model")
-    return family
+    with staged_folder(out, link=sorted({eval_file, calib_file})) as stage:
+        save_model(model, stage / "dense.onnx")
+        Family(manifest, stage).save()
+        add_variant(load_family(stage), "dense", stage / "dense.onnx", kind="dense", made_by=made_by)
+    return load_family(out)
 
 
 def add_variant(
@@ -491,21 +498,18 @@ def add_variant(
     sparsity: float | None = None,
     precision: str = "fp32",
     made_by: str = "",
+    accuracy: float | None = None,
 ) -> Variant:
-    """Record (or replace) a variant whose file is already in the family folder; measure it."""
+    """Record (or replace) a variant whose file is already in the family folder; measure it
+    (unless ``accuracy`` was measured already)."""
     path = Path(path).resolve()
     try:
         file = str(path.relative_to(family.root.resolve()))
     except ValueError:
         raise ManifestError(f"{path}: a variant's file must be inside the family folder {family.root}") from None
     load_model(path)
-    reference = None
-    if family.manifest.metric.name == "agreement":
-        dense = family.variant_path(family.reference_variant().name)
-        x, _ = family.eval_data()
-        reference = run_batched(session(load_model(dense), name=str(dense)), {family.manifest.input.name: x})[
-            family.manifest.output.name
-        ]
+    if accuracy is None:
+        accuracy = measure_accuracy(family, path, reference=_reference(family))
     variant = Variant(
         name=name,
         file=file,
@@ -513,7 +517,7 @@ def add_variant(
         sparsity=round(weight_sparsity(load_model(path)) if sparsity is None else sparsity, 4),
         precision=precision,  # type: ignore[arg-type]
         made_by=made_by,
-        accuracy=round(measure_accuracy(family, path, reference=reference), 5),
+        accuracy=round(accuracy, 5),
         size_bytes=path.stat().st_size,
     )
     others = [v for v in family.manifest.variants if v.name != name]
@@ -522,6 +526,26 @@ def add_variant(
     ]
     family.save()
     return variant
+
+
+def _reference(family: Family) -> np.ndarray | None:
+    """The dense variant's outputs, for metric 'agreement' (None for top1)."""
+    if family.manifest.metric.name != "agreement":
+        return None
+    dense = family.variant_path(family.reference_variant().name)
+    x, _ = family.eval_data()
+    return run_batched(session(load_model(dense), name=str(dense)), {family.manifest.input.name: x})[
+        family.manifest.output.name
+    ]
+
+
+def _add_made(family: Family, name: str, model: onnx.ModelProto, **record: object) -> None:
+    """Write variant ``name`` beside its final file, score it, and only then move it in and record it."""
+    target = family.root / f"{name}.onnx"
+    with staged_file(target) as tmp:
+        save_model(model, tmp)
+        accuracy = measure_accuracy(family, tmp, reference=_reference(family), label=name)
+    add_variant(family, name, target, accuracy=accuracy, **record)  # type: ignore[arg-type]
 
 
 def make_variants(
@@ -543,30 +567,27 @@ def make_variants(
     for s in unstructured:
         name = f"unstructured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")
-        save_model(prune_unstructured(base, s), family.root / f"{name}.onnx")
-        add_variant(family, name, family.root / f"{name}.onnx", kind="unstructured",
-                    made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
+        _add_made(family, name, prune_unstructured(base, s), kind="unstructured",
+                  made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
     for s in structured:
         name = f"structured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")
         pruned, n = prune_structured(base, s)
-        save_model(pruned, family.root / f"{name}.onnx")
-        add_variant(family, name, family.root / f"{name}.onnx", kind="structured", sparsity=s,
-                    made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
+        _add_made(family, name, pruned, kind="structured", sparsity=s,
+                  made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
     suffix = "" if source == "dense" else f"{source}-"
     src_sparsity = family.variant(source).sparsity
     if int8:
         name = f"{suffix}int8"
         say(f"{family.task}: {name}")
         calib = family.calib_data()
-        save_model(quantize_int8(base, calib, preserve=keep), family.root / f"{name}.onnx")
-        add_variant(family, name, family.root / f"{name}.onnx", kind="int8", precision="int8", sparsity=src_sparsity,
-                    made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel 7-bit-range int8 weights, "
-                            f"{len(calib)} calibration samples), cut tensors {keep} kept float")
+        _add_made(family, name, quantize_int8(base, calib, preserve=keep), kind="int8", precision="int8",
+                  sparsity=src_sparsity,
+                  made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel 7-bit-range int8 weights, "
+                          f"{len(calib)} calibration samples), cut tensors {keep} kept float")
     if fp16:
         name = f"{suffix}fp16"
         say(f"{family.task}: {name}")
-        save_model(convert_fp16(base, preserve=keep), family.root / f"{name}.onnx")
-        add_variant(family, name, family.root / f"{name}.onnx", kind="fp16", precision="fp16", sparsity=src_sparsity,
-                    made_by=f"loom: float16 conversion of {source} (onnxconverter-common), float32 at inputs, outputs and cuts")
+        _add_made(family, name, convert_fp16(base, preserve=keep), kind="fp16", precision="fp16", sparsity=src_sparsity,
+                  made_by=f"loom: float16 conversion of {source} (onnxconverter-common), float32 at inputs, outputs and cuts")
     return family
