@@ -81,9 +81,11 @@ def test_moves_off_a_busy_processor() -> None:
     on_a = plan(("a", "a"), (2.0, 2.0))
     on_b = plan(("b", "b"), (3.0, 3.0))
     assert choose(s, [on_a, on_b], deadline_ms=20).plan is on_a
-    # 30 ms of earlier-deadline work queued on a: a's plan cannot make a 20 ms deadline
-    for _ in range(10):
-        s.admit("t", [plan(("a",), (3.0,))], now_s=0.0, deadline_s=0.001, accuracy_floor=0.0, adaptive=False)
+    # 30 ms of work queued on a, each job on time, 18 ms of it due before 20 ms: a's plan
+    # (4 ms) cannot make a 20 ms deadline
+    for k in range(1, 11):
+        s.admit("t", [plan(("a",), (3.0,))], now_s=0.0, deadline_s=(3 * k + 0.5) / 1e3, accuracy_floor=0.0,
+                adaptive=False)
     assert s.backlog_ms(0.0)["a"] == pytest.approx(30.0)
     d = choose(s, [on_a, on_b], deadline_ms=20)
     assert d.feasible and d.plan is on_b

@@ -64,6 +64,11 @@ class SloUnservableError(LoomError, RuntimeError):
     """No candidate plan can serve a request within its SLO and the runtime rejects such requests."""
 
 
+class OverloadError(SloUnservableError):
+    """A request shed under overload: predicted to end far past its deadline, or its deadline
+    passed while it waited (``on_unservable: reject``). It counts as a violation."""
+
+
 class RuntimeClosedError(LoomError, RuntimeError):
     """The runtime was closed: no new requests, and requests cancelled by ``close(cancel=True)``."""
 

@@ -271,8 +271,8 @@ class WorkerPool:
                 self._prefetching.discard(proc)
 
         try:
-            # after every request's job (their keys are finite deadlines)
-            worker.put((math.inf, 0.0, next(self._seq)), load)
+            # after every request's job, late ones included (their keys are (inf, arrival))
+            worker.put((math.inf, math.inf, next(self._seq)), load)
         except RuntimeClosedError:
             self._prefetching.discard(proc)
 

@@ -23,6 +23,7 @@ import numpy as np
 from loom.core.errors import (
     BackendError,
     ConfigError,
+    OverloadError,
     RuntimeClosedError,
     SloUnservableError,
 )
@@ -336,7 +337,7 @@ class Runtime:
     # -- running a request ---------------------------------------------------------------------
     def _enqueue(self, req: Request, i: int, env: dict[str, np.ndarray]) -> None:
         proc = req.segments[i][0]
-        key: JobKey = (req.deadline_s, -float(req.binding.priority), req.seq)
+        key: JobKey = (*req.reservations[i].key, req.seq)  # late requests queue behind on-time ones
         try:
             self._pool.worker(proc).put(key, SegmentJob(self, req, i, env))
         except BaseException as exc:  # a worker that cannot start, or closed under a cancel
@@ -347,6 +348,11 @@ class Runtime:
         if req.ended:
             return False
         now = self.now()
+        if now > req.deadline_s and self.scheduler.on_unservable == "reject":
+            self._end(req, error=OverloadError(
+                f"request {req.id} of task {req.binding.task!r}: its deadline passed while it waited for "
+                f"processor {req.segments[i][0]!r}: rejected"))
+            return False
         self.scheduler.start(req.reservations[i], now)
         if req.start_s is None:
             req.start_s = now
@@ -427,7 +433,7 @@ class Runtime:
             if req.ended:
                 return
             req.ended = True
-        status = "error"
+        status = "rejected" if isinstance(error, OverloadError) else "error"
         try:
             for r in req.reservations:
                 self.scheduler.finish(r)
@@ -454,11 +460,11 @@ class Runtime:
     def _reject(
         self, rid: int, binding: TaskBinding, arrival: float, bound: float, decision: Decision, future: Future
     ) -> None:
-        self._emit(rejected_record(rid, binding, self.policy_name, arrival, bound, decision.reason))
-        future.set_exception(SloUnservableError(
-            f"task {binding.task!r}: no plan can serve this request within {bound:g} ms at accuracy >= "
-            f"{binding.accuracy_floor:g} ({decision.reason})"
-        ))
+        kind = OverloadError if decision.shed else SloUnservableError
+        error = kind(f"task {binding.task!r}: no plan can serve this request within {bound:g} ms at accuracy >= "
+                     f"{binding.accuracy_floor:g} ({decision.reason})")
+        self._emit(rejected_record(rid, binding, self.policy_name, arrival, bound, f"{kind.__name__}: {decision.reason}"))
+        future.set_exception(error)
         with self._lock:
             self._counts["rejected"] += 1
 

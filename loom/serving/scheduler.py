@@ -44,6 +44,8 @@ class Decision:
     reason: str
     #: corrected busy ms of each of the plan's segments (what ``admit`` reserves)
     segment_ms: tuple[float, ...] = ()
+    #: no plan: shed under overload (``OverloadError``), not merely unservable
+    shed: bool = False
 
 
 @dataclass(eq=False)
@@ -108,6 +110,10 @@ class Scheduler:
         self.wake_step_s = 2e-4
         self.wake_half_life_s = 5.0
         self.wake_aware = False
+        #: a late request predicted to end more than this many times its latency bound after
+        #: its deadline is shed (``violate``; ``reject`` refuses every late one): the late lane
+        #: stays bounded at any offered load
+        self.late_bound_factor = 10.0
 
     # -- what predictions miss -------------------------------------------------------------
     def observe_completion(self, plan: Plan, predicted_finish_s: float, end_s: float) -> None:
@@ -472,15 +478,42 @@ class Scheduler:
         """
         with self._lock:
             d = self._choose(task, candidates, now_s, deadline_s, accuracy_floor, adaptive, priority)
+            key = (deadline_s, -priority)
+            if d.plan is not None and d.predicted_finish_s > deadline_s:
+                d, key = self._late(candidates, d, now_s, deadline_s, accuracy_floor, adaptive)
             if d.plan is None:
                 return d, []
-            key = (deadline_s, -priority)
             out = []
             for (proc, _slots), ms in zip(d.plan.segments(), d.segment_ms, strict=True):
                 r = Reservation(next(self._ids), proc, ms, key)
                 self._reservations.setdefault(proc, {})[r.id] = r
                 out.append(r)
             return d, out
+
+    def _late(self, candidates: Sequence[Plan], d: Decision, now_s: float, deadline_s: float, floor: float,
+              adaptive: bool) -> tuple[Decision, tuple[float, float]]:
+        """A request that no plan serves on time runs after every request that still can.
+
+        Its jobs and reservations take the key (inf, arrival): behind all on-time work, in
+        arrival order, so that the requests that can still make it do (EDF would put the
+        late ones first, their deadlines being the earliest, and make everything late).
+        It runs the plan that costs the processors least, and is shed when even that is
+        predicted to end more than ``late_bound_factor`` times its bound after its deadline.
+        """
+        key = (math.inf, now_s)
+        free, view, memo = self._free_at(now_s, key), self._view(now_s), {}
+        if adaptive:
+            top = floor if any(p.accuracy >= floor for p in candidates) else max(p.accuracy for p in candidates)
+            pool = [(i, p) for i, p in enumerate(candidates) if p.accuracy >= top]
+        else:
+            pool = [(0, candidates[0])]
+        c = min((self._price(i, p, now_s, free, view, memo) for i, p in pool),
+                key=lambda c: (round(c.busy_ms, 9), c.finish_s, c.index))
+        if c.finish_s > deadline_s + self.late_bound_factor * (deadline_s - now_s):
+            late_ms = (c.finish_s - deadline_s) * 1e3
+            return Decision(None, math.inf, False, f"overload: predicted {late_ms:.1f} ms late: shed", shed=True), key
+        return Decision(c.plan, c.finish_s, False, f"{d.reason}; late: after the requests on time, least cost",
+                        c.segment_ms), key
 
     def start(self, reservation: Reservation, now_s: float) -> None:
         """Its job began running on the worker."""
