@@ -114,6 +114,7 @@ class Scheduler:
         #: its deadline is shed (``violate``; ``reject`` refuses every late one): the late lane
         #: stays bounded at any offered load
         self.late_bound_factor = 10.0
+        self._cheapest_memo: dict[tuple[int, float], tuple[Sequence[Plan], int]] = {}
 
     # -- what predictions miss -------------------------------------------------------------
     def observe_completion(self, plan: Plan, predicted_finish_s: float, end_s: float) -> None:
@@ -310,10 +311,11 @@ class Scheduler:
         floor: float,
         adaptive: bool,
         priority: float,
+        free: dict[str, float] | None = None,
     ) -> Decision:
         if not candidates:
             return Decision(None, math.inf, False, f"{task}: no candidate plans")
-        free = self._free_at(now_s, (deadline_s, -priority))
+        free = free if free is not None else self._free_at(now_s, (deadline_s, -priority))
         view = self._view(now_s)
         memo: dict[tuple[str, str], float] = {}
         # set under the lock, read by every pricing of this decision
@@ -477,8 +479,15 @@ class Scheduler:
         the same idle processor and pile onto it.
         """
         with self._lock:
-            d = self._choose(task, candidates, now_s, deadline_s, accuracy_floor, adaptive, priority)
             key = (deadline_s, -priority)
+            free = self._free_at(now_s, key)
+            if candidates and self._hopeless(candidates, now_s, deadline_s, free):
+                # every processor is booked past the deadline: no plan needs pricing
+                d = Decision(candidates[0], math.inf, False, "every processor is booked past the deadline")
+                if self.on_unservable == "reject":
+                    d = Decision(None, math.inf, False, f"{d.reason}: rejected", shed=True)
+            else:
+                d = self._choose(task, candidates, now_s, deadline_s, accuracy_floor, adaptive, priority, free)
             if d.plan is not None and d.predicted_finish_s > deadline_s:
                 d, key = self._late(candidates, d, now_s, deadline_s, accuracy_floor, adaptive)
             if d.plan is None:
@@ -489,6 +498,12 @@ class Scheduler:
                 self._reservations.setdefault(proc, {})[r.id] = r
                 out.append(r)
             return d, out
+
+    @staticmethod
+    def _hopeless(candidates: Sequence[Plan], now_s: float, deadline_s: float, free: dict[str, float]) -> bool:
+        """Whether every processor the candidates use is booked past ``deadline_s`` (a cheap early no)."""
+        procs = {p for plan in candidates for p in plan.placement}
+        return min(free.get(p, now_s) for p in procs) >= deadline_s
 
     def _late(self, candidates: Sequence[Plan], d: Decision, now_s: float, deadline_s: float, floor: float,
               adaptive: bool) -> tuple[Decision, tuple[float, float]]:
@@ -501,19 +516,28 @@ class Scheduler:
         predicted to end more than ``late_bound_factor`` times its bound after its deadline.
         """
         key = (math.inf, now_s)
-        free, view, memo = self._free_at(now_s, key), self._view(now_s), {}
-        if adaptive:
-            top = floor if any(p.accuracy >= floor for p in candidates) else max(p.accuracy for p in candidates)
-            pool = [(i, p) for i, p in enumerate(candidates) if p.accuracy >= top]
-        else:
-            pool = [(0, candidates[0])]
-        c = min((self._price(i, p, now_s, free, view, memo) for i, p in pool),
-                key=lambda c: (round(c.busy_ms, 9), c.finish_s, c.index))
+        i = self._cheapest(candidates, floor) if adaptive else 0
+        self._load = self._load_cost()
+        c = self._price(i, candidates[i], now_s, self._free_at(now_s, key), self._view(now_s), {})
         if c.finish_s > deadline_s + self.late_bound_factor * (deadline_s - now_s):
             late_ms = (c.finish_s - deadline_s) * 1e3
             return Decision(None, math.inf, False, f"overload: predicted {late_ms:.1f} ms late: shed", shed=True), key
         return Decision(c.plan, c.finish_s, False, f"{d.reason}; late: after the requests on time, least cost",
                         c.segment_ms), key
+
+    def _cheapest(self, candidates: Sequence[Plan], floor: float) -> int:
+        """The candidate with the least predicted processor time among those meeting ``floor``
+        (the most accurate when none does); remembered per candidate list, as it needs no queue."""
+        memo_key = (id(candidates), floor)
+        hit = self._cheapest_memo.get(memo_key)
+        if hit is not None and hit[0] is candidates:
+            return hit[1]
+        top = floor if any(p.accuracy >= floor for p in candidates) else max(p.accuracy for p in candidates)
+        i = min((i for i, p in enumerate(candidates) if p.accuracy >= top), key=lambda i: candidates[i].latency_ms)
+        if len(self._cheapest_memo) > 256:
+            self._cheapest_memo.clear()
+        self._cheapest_memo[memo_key] = (candidates, i)
+        return i
 
     def start(self, reservation: Reservation, now_s: float) -> None:
         """Its job began running on the worker."""
