@@ -191,7 +191,7 @@ class SimPool(WorkerPool):
         done.set_result(None)
         return [done]
 
-    def shutdown(self) -> None:
+    def shutdown(self, join_s: float = 5.0, abandon: Mapping[str, str] | None = None) -> None:
         for cache in self.caches.values():
             cache.release_all()
         for worker in self.workers.values():
@@ -246,10 +246,11 @@ class SimRuntime:
         self.note_memory()
 
     def _simulated(self, binding: TaskBinding) -> TaskBinding:
-        """The binding with a (never opened) path for every block the table knows, futures the raw outputs."""
+        """The binding with a (never opened) path for every block the table knows, futures the raw
+        outputs, and no input spec (the simulated requests carry no inputs)."""
         paths = {b: Path(b) for b, _p in self.latency.median_ms}
         paths.update({b: Path(b) for plan in binding.candidates for b in plan.block_ids})
-        return replace(binding, block_paths=paths, output_name=None)
+        return replace(binding, block_paths=paths, output_name=None, inputs=None)
 
     # -- what control_events drives ---------------------------------------------------------
     @property

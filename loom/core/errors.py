@@ -69,6 +69,11 @@ class OverloadError(SloUnservableError):
     passed while it waited (``on_unservable: reject``). It counts as a violation."""
 
 
+class InputError(LoomError, ValueError):
+    """A request's inputs are not what its task takes: not a mapping, an input missing or
+    unknown, not a numpy array, or of the wrong dtype, rank or shape. Names the task and the input."""
+
+
 class RuntimeClosedError(LoomError, RuntimeError):
     """The runtime was closed: no new requests, and requests cancelled by ``close(cancel=True)``."""
 

@@ -4,9 +4,10 @@
     <root>/index.json               block -> file, size, ports, users; task -> variants
 
 ``loom partition`` writes blocks here (``put_model``) and the partition names them by
-that key; serving reads the same files, checking each against its key. Every (task,
-variant, slot) using a block is one of its users, so a config's blocks (``blocks_of``)
-and the blocks shared across variants or tasks (``shared_blocks``) are known.
+that key; serving reads the same files (``read``), hashing the bytes of every load
+against its key. Every (task, variant, slot) using a block is one of its users, so a
+config's blocks (``blocks_of``) and the blocks shared across variants or tasks
+(``shared_blocks``) are known.
 One process writes a store at a time; its threads may share a ``BlockStore``.
 """
 
@@ -336,11 +337,43 @@ class BlockStore:
     def block(self, block_id: str) -> StoredBlock:
         return self.blocks[self.resolve(block_id)]
 
+    def file(self, block_id: str) -> Path:
+        """The block's file in the store, unchecked (``read`` checks what it reads)."""
+        return self.root / self.block(block_id).file
+
+    def read(self, block_id: str) -> bytes:
+        """The block's bytes, read once and checked against its sha256 on every call.
+
+        What serving loads: the bytes handed to the engine are the bytes hashed, so a
+        file changed at any time before a load (even after an earlier load of it) fails
+        that load with ``BlockIntegrityError`` naming the block and its file.
+        """
+        bid = self.resolve(block_id)
+        b = self.blocks[bid]
+        path = self.root / b.file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BlockIntegrityError(f"block {bid}: its file {path} is missing") from None
+        except OSError as exc:
+            raise BlockIntegrityError(f"block {bid}: cannot read its file {path}: {exc}") from exc
+        got = hashlib.sha256(data).hexdigest()
+        if got != b.sha256:
+            with self._lock:
+                self._verified.discard(bid)
+            raise BlockIntegrityError(
+                f"block {bid}: {path} has sha256 {got}, the store recorded {b.sha256} "
+                f"(the file was changed or corrupted)"
+            )
+        return data
+
     def path(self, block_id: str, *, recheck: bool = False) -> Path:
         """The block's file, its bytes checked against the recorded sha256 on first use.
 
-        ``recheck`` hashes the file again even if it was verified before (a file edited
-        after its first use is not noticed otherwise: the cache trades that for speed).
+        For readers that open the file themselves (``partition``'s users). ``recheck``
+        hashes it again even if it was verified before (a file edited after its first
+        use is not noticed otherwise). Serving loads through ``read``, which checks
+        the bytes it returns every time.
         """
         bid = self.resolve(block_id)
         b = self.blocks[bid]

@@ -34,7 +34,8 @@ class BlockCache:
     """
 
     def __init__(
-        self, processor: str, backend: Backend, resolve: Callable[[str], Path], budget: MemoryBudget | None = None,
+        self, processor: str, backend: Backend, resolve: Callable[[str], bytes | Path],
+        budget: MemoryBudget | None = None,
         known_bytes: Callable[[str, str], int | None] | None = None, clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.processor = processor
@@ -45,6 +46,7 @@ class BlockCache:
         #: first load and whatever another worker's load allocated at the same moment
         self._known_bytes = known_bytes
         self.backend = backend
+        #: block id -> what to load: its verified bytes (the pool's ``source``) or its file
         self._resolve = resolve
         self._budget = budget
         self._blocks: dict[str, LoadedBlock] = {}
@@ -66,11 +68,13 @@ class BlockCache:
         """
         block = self._blocks.get(block_id)
         if block is None:
-            path = self._resolve(block_id)
+            t_read = self._clock()
+            source = self._resolve(block_id)  # read and hashed here, every load: BlockIntegrityError
+            read_s = self._clock() - t_read
             reserved = self._budget.before_load(self, block_id, protect) if self._budget is not None else 0
-            t0 = self._clock()
+            t0 = self._clock() - read_s  # the read is part of the load's time
             try:
-                block = self.backend.load(path, block_id=block_id)
+                block = self.backend.load(source, block_id=block_id)
             except LoomError:
                 if self._budget is not None:
                     self._budget.after_load(self, block_id, reserved, None)

@@ -37,7 +37,8 @@ class EdfWorker:
 
     Jobs are plain callables that handle their own errors (the runtime's jobs route
     every exception to their request); one that escapes anyway is logged, never fatal
-    to the thread. ``close()`` runs what is queued, then joins.
+    to the thread. ``close()`` runs what is queued, then joins (for at most ``timeout``
+    seconds: a call that hangs leaves the thread, a daemon, behind).
     """
 
     def __init__(self, name: str, backend: Backend, on_wake: Callable[[float], None] | None = None) -> None:
@@ -89,9 +90,11 @@ class EdfWorker:
         with self._cond:
             return len(self._heap)
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop taking jobs, join the thread once it has run what is queued; False: still running."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        return not self._thread.is_alive() or self._thread is threading.current_thread()

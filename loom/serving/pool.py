@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -80,6 +81,8 @@ class WorkerPool:
         self._stopped = False
         self.workers: dict[str, EdfWorker] = {}
         self.caches: dict[str, BlockCache] = {}
+        #: processor -> why its worker was left running at shutdown (a call that did not return)
+        self.abandoned: dict[str, str] = {}
 
     # -- workers and files ------------------------------------------------------------------
     def worker(self, processor: str) -> EdfWorker:
@@ -97,7 +100,7 @@ class WorkerPool:
             else:
                 raise ConfigError(f"runtime: unknown processor {processor!r} (have {self.processors})")
             worker = self.new_worker(processor, backend)
-            self.caches[processor] = BlockCache(processor, backend, self.resolve, self.budget,
+            self.caches[processor] = BlockCache(processor, backend, self.source, self.budget,
                                                 known_bytes=lambda b, p: self.block_bytes.get((b, p)),
                                                 clock=self._now)
             self.workers[processor] = worker
@@ -108,12 +111,27 @@ class WorkerPool:
         return EdfWorker(processor, backend, on_wake=lambda d: self._on_wake(processor, d))
 
     def resolve(self, block_id: str) -> Path:
+        """The block's file: the store's when it holds the block (unchecked here: ``source`` checks)."""
         store = self.block_store
         if store is not None and store.has(block_id):
-            return store.path(block_id)  # BlockIntegrityError when the file is not what was stored
+            return store.file(block_id)
         path = self.paths.get(block_id)
         if path is None:
             raise ConfigError(f"runtime: no file for block {block_id}")
+        return path
+
+    def source(self, block_id: str) -> bytes | Path:
+        """What a cache loads: a stored block's bytes, hashed against its id on every load.
+
+        ``BlockIntegrityError`` when the file is not what was stored, however long after
+        an earlier load it changed. A block outside the store (a task's ``block_paths``)
+        loads from its file; so does whatever an overriding ``resolve`` points to
+        elsewhere (the simulator's ids, which its backend never opens).
+        """
+        path = self.resolve(block_id)
+        store = self.block_store
+        if store is not None and store.has(block_id) and path == store.file(block_id):
+            return store.read(block_id)
         return path
 
     def cache_map(self) -> dict[str, BlockCache]:
@@ -277,8 +295,15 @@ class WorkerPool:
             self._prefetching.discard(proc)
 
     # -- closing ----------------------------------------------------------------------------
-    def shutdown(self) -> None:
-        """Release every cache's blocks on its worker's thread, then stop the workers."""
+    def shutdown(self, join_s: float = 5.0, abandon: Mapping[str, str] | None = None) -> None:
+        """Release every cache's blocks on its worker's thread, then stop the workers.
+
+        Waits at most ``join_s`` seconds in all, and not at all for the workers of ``abandon``
+        (processor -> why: a call stuck); a worker still running then is left behind (a
+        daemon thread, which releases its blocks and ends if its call ever returns).
+        """
+        deadline = time.monotonic() + join_s
+        abandon = abandon or {}
         with self._lock:
             self._stopped = True
             workers, self.workers = dict(self.workers), {}
@@ -288,5 +313,9 @@ class WorkerPool:
             if cache is not None:
                 with contextlib.suppress(RuntimeClosedError):
                     worker.put((CONTROL_KEY, 0, next(self._seq)), cache.release_all)
-            worker.close()
-
+        for proc, worker in workers.items():
+            left = 0.0 if proc in abandon else max(0.0, deadline - time.monotonic())
+            if not worker.close(left):
+                why = abandon.get(proc, f"a call still running after {join_s:g} s")
+                self.abandoned[proc] = f"{why}: abandoned at shutdown"
+                log.warning("worker %s left running: %s", proc, self.abandoned[proc])

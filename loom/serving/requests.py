@@ -12,12 +12,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loom.core.errors import ConfigError
+import numpy as np
+
+from loom.core.errors import ConfigError, InputError
 from loom.serving.metrics import RequestRecord, Status
 from loom.serving.scheduler import Decision, Reservation
 from placement.plan import Plan
 
-__all__ = ["Request", "TaskBinding", "rejected_record"]
+__all__ = ["InputSpec", "Request", "TaskBinding", "rejected_record"]
+
+#: an input's dtype and shape (None: rank unknown; a None or str dim: any size)
+InputSpec = tuple[str, tuple[int | str | None, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,30 @@ class TaskBinding:
     priority: float = 0
     #: resolve futures to this output only (None: the dict of the last block's outputs)
     output_name: str | None = None
+    #: input name -> (dtype, shape), from the family manifest; None: names and arrays only
+    inputs: Mapping[str, InputSpec] | None = None
+
+    def check_inputs(self, inputs: object) -> dict[str, np.ndarray]:
+        """``inputs`` as a dict, or ``InputError`` naming the task and the input: a mapping of
+        names to numpy arrays and, with a spec, every input present, none unknown, of its dtype,
+        rank and shape (a symbolic dim matches any size)."""
+        where = f"task {self.task!r}"
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"{where}: inputs must be a mapping of input name -> numpy array, "
+                             f"got {type(inputs).__name__}")
+        for name, value in inputs.items():
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{where}: input {name!r} must be a numpy array, got {type(value).__name__}")
+        if self.inputs is None:
+            return dict(inputs)
+        missing = sorted(set(self.inputs) - set(inputs))
+        unknown = sorted(map(str, set(inputs) - set(self.inputs)))
+        if missing or unknown:
+            raise InputError(f"{where}: inputs {sorted(map(str, inputs))} do not match the task's "
+                             f"{sorted(self.inputs)} (missing {missing}, unknown {unknown})")
+        for name, (dtype, shape) in self.inputs.items():
+            _check_array(f"{where}: input {name!r}", inputs[name], dtype, shape)
+        return dict(inputs)
 
     def check(self, processors: Sequence[str], paths: Mapping[str, Path]) -> None:
         """``ConfigError`` unless its SLO is sane and every candidate is for this task, on
@@ -92,6 +121,20 @@ class Request:
             config=self.plan.config, placement=self.plan.placement, status=status, below_floor=below_floor,
             error=None if error is None else f"{type(error).__name__}: {error}", spans=list(self.spans),
         )
+
+
+def _check_array(where: str, value: np.ndarray, dtype: str, shape: tuple[int | str | None, ...] | None) -> None:
+    if value.dtype != np.dtype(dtype):
+        raise InputError(f"{where}: dtype {value.dtype} where {dtype} is expected")
+    if shape is None:
+        return
+    if value.ndim != len(shape):
+        raise InputError(f"{where}: rank {value.ndim} (shape {value.shape}) where {len(shape)} is expected "
+                         f"({list(shape)})")
+    for axis, (got, want) in enumerate(zip(value.shape, shape, strict=True)):
+        if isinstance(want, int) and got != want:
+            raise InputError(f"{where}: shape {value.shape} does not match {list(shape)} (axis {axis}: "
+                             f"{got} where {want} is expected)")
 
 
 def rejected_record(rid: int, binding: TaskBinding, policy: str, arrival_s: float, bound_ms: float,

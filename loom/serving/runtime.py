@@ -110,8 +110,8 @@ class Runtime:
         self.processors: list[str] = _processor_names(device, given)
         #: None: no budget, every block may stay resident (the behaviour before the preloader)
         self.preloader = _budget_preloader(memory_budget_mb, preloader)
-        #: where blocks are read from when it holds them: each file's sha256 is checked
-        #: against the store's index on its first load, and a mismatch fails that load
+        #: where blocks are read from when it holds them: the bytes of every load are checked
+        #: against the block's sha256 before the engine gets them, and a mismatch fails that load
         self.block_store = block_store
         #: (block, processor) -> resident bytes measured offline (``loom profile``); the
         #: memory budget counts these instead of run-time RSS growth where known
@@ -149,6 +149,9 @@ class Runtime:
         self._tasks: dict[str, TaskBinding] = {}
         self._counts = {"submitted": 0, "ok": 0, "late": 0, "inaccurate": 0, "rejected": 0, "error": 0}
         self._preload_errors: list[str] = []
+        #: seconds ``close`` waits for the workers to stop, in all (after a cancel, and otherwise)
+        self.cancel_join_s = 0.5
+        self.join_s = 5.0
 
     def _make_pool(self, pool: Callable[..., WorkerPool], backends: Mapping[str, Backend],
                    prefetch_max_load_ms: float) -> WorkerPool:
@@ -209,8 +212,9 @@ class Runtime:
         """Serve one request; the future resolves to the outputs (see ``TaskBinding.output_name``).
 
         ``deadline_ms`` overrides the task's latency bound for this request. Raises
-        ``ConfigError`` for an unknown task and ``RuntimeClosedError`` after ``close``;
-        every other failure arrives through the future.
+        ``ConfigError`` for an unknown task, ``InputError`` for inputs the task does not take
+        (``TaskBinding.check_inputs``) and ``RuntimeClosedError`` after ``close``, before
+        anything is registered; every other failure arrives through the future.
         """
         if deadline_ms is not None and not deadline_ms > 0:
             raise ConfigError(f"runtime: deadline_ms must be > 0, got {deadline_ms}")
@@ -220,11 +224,8 @@ class Runtime:
         with self._lock:
             if self._closed:
                 raise RuntimeClosedError("runtime is closed: no more requests")
-            binding = self._tasks.get(task)
-            if binding is None:
-                raise ConfigError(f"runtime: unknown task {task!r} (have {sorted(self._tasks)})")
-            rid = next(self._ids)
-            self._counts["submitted"] += 1
+            binding = self._binding(task)
+            env = binding.check_inputs(inputs)
             arrival = self.now()
             bound = float(deadline_ms) if deadline_ms is not None else float(binding.latency_ms)
             deadline = arrival + bound / 1e3
@@ -232,22 +233,25 @@ class Runtime:
                 task, binding.candidates, now_s=arrival, deadline_s=deadline,
                 accuracy_floor=binding.accuracy_floor, adaptive=self.adaptive, priority=binding.priority,
             )
-            if decision.plan is None:
-                req = None
-            else:
-                req = Request(
-                    id=rid, binding=binding, decision=decision, plan=decision.plan,
-                    segments=decision.plan.segments(), reservations=reservations, arrival_s=arrival,
-                    deadline_s=deadline, bound_ms=bound, floor=binding.accuracy_floor, future=future,
-                    seq=next(self._seq),
-                )
+            rid = next(self._ids)
+            self._counts["submitted"] += 1
+            req = None if decision.plan is None else Request(
+                id=rid, binding=binding, decision=decision, plan=decision.plan,
+                segments=decision.plan.segments(), reservations=reservations, arrival_s=arrival,
+                deadline_s=deadline, bound_ms=bound, floor=binding.accuracy_floor, future=future,
+                seq=next(self._seq),
+            )
+            if req is not None:
                 self._live[rid] = req
         if req is None:
             self._reject(rid, binding, arrival, bound, decision, future)
             return future
-        if self.preloader is not None:
-            self.preloader.record_use(req.plan, arrival)  # what is hot follows what is chosen
-        self._enqueue(req, 0, dict(inputs))
+        try:
+            if self.preloader is not None:
+                self.preloader.record_use(req.plan, arrival)  # what is hot follows what is chosen
+            self._enqueue(req, 0, env)
+        except BaseException as exc:  # registered: from here on it ends through its future
+            self._end(req, error=exc)
         return future
 
     def set_slo(self, task: str, *, latency_ms: float | None = None, accuracy_floor: float | None = None) -> None:
@@ -332,6 +336,8 @@ class Runtime:
             "preload_errors": preload_errors,
             "correction": self.corrector.snapshot(now),
             "wake_ms": self.scheduler.wake_ms(now),
+            # processor -> why: a call overran its bound (new requests avoid it), or was left running at close
+            "unhealthy": {**self._pool.abandoned, **self.scheduler.unhealthy(now)},
         }
 
     # -- running a request ---------------------------------------------------------------------
@@ -447,15 +453,19 @@ class Runtime:
             # recorded before the future resolves: a caller that waited on it sees the record
             self._emit(record)
         finally:
-            # whatever failed above, the future resolves and close() does not wait forever
-            if error is None:
-                req.future.set_result(result)
-            else:
-                req.future.set_exception(error)
+            # whatever failed above, the future resolves and close() does not wait forever;
+            # counted first, so that a caller that waited on the future sees it in stats()
             with self._lock:
                 self._counts[status] += 1
                 self._live.pop(req.id, None)
-                self._idle.notify_all()
+            try:
+                if error is None:
+                    req.future.set_result(result)
+                else:
+                    req.future.set_exception(error)
+            finally:
+                with self._lock:
+                    self._idle.notify_all()
 
     def _reject(
         self, rid: int, binding: TaskBinding, arrival: float, bound: float, decision: Decision, future: Future
@@ -481,23 +491,35 @@ class Runtime:
         """Stop taking requests, end every submitted one, stop the workers. Idempotent.
 
         By default the queued work runs to the end (``timeout``: seconds to wait for it,
-        after which what is left is cancelled). ``cancel=True`` fails every request not
-        yet finished with ``RuntimeClosedError`` at once; a block already running on a
-        processor finishes first (engines cannot be interrupted).
+        after which what is left is cancelled), unless every request left waits on a
+        processor whose call is stuck past its bound (``stats()["unhealthy"]``): those are
+        failed with ``RuntimeClosedError``. ``cancel=True`` fails every request not yet
+        finished with ``RuntimeClosedError`` at once. Never blocks without bound: the workers
+        are joined for at most ``join_s`` (``cancel_join_s`` after a cancel); a call that does
+        not return is abandoned (its thread is a daemon) and its processor reported unhealthy.
         """
         with self._lock:
             self._closed = True
-            if not cancel:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while self._live:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        break
-                    self._idle.wait(left)
+            why = "cancelled" if cancel else self._drain(timeout)
             pending = list(self._live.values())
+        stuck = self.scheduler.unhealthy(self.now())
         for req in pending:
-            self._end(req, error=RuntimeClosedError(f"runtime closed before request {req.id} finished"))
-        self._pool.shutdown()
+            self._end(req, error=RuntimeClosedError(f"runtime closed before request {req.id} finished: {why}"))
+        self._pool.shutdown(self.cancel_join_s if cancel else self.join_s, stuck)
+
+    def _drain(self, timeout: float | None) -> str:
+        """Wait (under ``_lock``) for the requests in flight to end; why it stopped before, if it did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._live:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return f"not finished within the close timeout of {timeout:g} s"
+            self._idle.wait(0.1 if left is None else min(left, 0.1))
+            stuck = self.scheduler.unhealthy(self.now())
+            if stuck and all(any(r.processor in stuck and self.scheduler.holds(r) for r in req.reservations)
+                             for req in self._live.values()):
+                return "it waits on unhealthy processor(s): " + "; ".join(f"{p}: {w}" for p, w in stuck.items())
+        return "drained"
 
     def __enter__(self) -> Runtime:
         return self

@@ -115,6 +115,11 @@ class Scheduler:
         #: stays bounded at any offered load
         self.late_bound_factor = 10.0
         self._cheapest_memo: dict[tuple[int, float], tuple[Sequence[Plan], int]] = {}
+        #: a processor whose running job has taken ``stuck_factor`` times its predicted ms, and
+        #: at least ``stuck_floor_s``, is unhealthy: booked forever for new requests until that
+        #: job returns (docs/serving.md, "Faults")
+        self.stuck_factor = 10.0
+        self.stuck_floor_s = 1.0
 
     # -- what predictions miss -------------------------------------------------------------
     def observe_completion(self, plan: Plan, predicted_finish_s: float, end_s: float) -> None:
@@ -171,11 +176,32 @@ class Scheduler:
                 # the running job is never preempted; queued ones run before us if EDF says so
                 if r.started_s is not None or r.key <= key:
                     ahead += r.remaining_ms(now_s)
+                    if r.started_s is not None and self._overrun(r, now_s):
+                        ahead = math.inf  # unhealthy: no new work is planned there
             out[p] = now_s + ahead / 1e3
             if ahead == 0.0 and self.wake_aware:
                 # an idle worker first has to wake up: its recent tail of wake-up delays
                 out[p] += self._wake_now(p, now_s)
         return out
+
+    def _overrun(self, r: Reservation, now_s: float) -> bool:
+        """Whether started reservation ``r`` has run past its bound (its processor is unhealthy)."""
+        assert r.started_s is not None
+        return now_s - r.started_s > max(self.stuck_factor * r.ms / 1e3, self.stuck_floor_s)
+
+    def unhealthy(self, now_s: float) -> dict[str, str]:
+        """Processors whose running job has overrun its bound, and why."""
+        with self._lock:
+            return {
+                r.processor: f"a call running for {now_s - r.started_s:.1f} s, predicted {r.ms:.1f} ms"
+                for rs in self._reservations.values() for r in rs.values()
+                if r.started_s is not None and self._overrun(r, now_s)
+            }
+
+    def holds(self, reservation: Reservation) -> bool:
+        """Whether ``reservation`` is still reserved (admitted, its job not ended)."""
+        with self._lock:
+            return reservation.id in self._reservations.get(reservation.processor, {})
 
     # -- waking an idle worker ----------------------------------------------------------------
     def observe_wake(self, processor: str, delay_s: float, now_s: float) -> None:
@@ -518,7 +544,17 @@ class Scheduler:
         key = (math.inf, now_s)
         i = self._cheapest(candidates, floor) if adaptive else 0
         self._load = self._load_cost()
-        c = self._price(i, candidates[i], now_s, self._free_at(now_s, key), self._view(now_s), {})
+        free, view = self._free_at(now_s, key), self._view(now_s)
+        c = self._price(i, candidates[i], now_s, free, view, {})
+        if adaptive and math.isinf(c.finish_s):  # it needs an unhealthy processor: the cheapest without
+            avoid = {p for p, t in free.items() if math.isinf(t)}
+            ok = [j for j, p in enumerate(candidates) if avoid.isdisjoint(p.placement)]
+            if ok:
+                j = ok[_least_cost([candidates[j] for j in ok], floor)]
+                c = self._price(j, candidates[j], now_s, free, view, {})
+        if math.isinf(c.finish_s):
+            return Decision(None, math.inf, False, "every plan needs an unhealthy processor (a call stuck past "
+                                                   "its bound): shed", shed=True), key
         if c.finish_s > deadline_s + self.late_bound_factor * (deadline_s - now_s):
             late_ms = (c.finish_s - deadline_s) * 1e3
             return Decision(None, math.inf, False, f"overload: predicted {late_ms:.1f} ms late: shed", shed=True), key
@@ -528,15 +564,13 @@ class Scheduler:
     def _cheapest(self, candidates: Sequence[Plan], floor: float) -> int:
         """The candidate with the least predicted processor time among those meeting ``floor``
         (the most accurate when none does); remembered per candidate list, as it needs no queue."""
-        memo_key = (id(candidates), floor)
-        hit = self._cheapest_memo.get(memo_key)
+        hit = self._cheapest_memo.get((id(candidates), floor))
         if hit is not None and hit[0] is candidates:
             return hit[1]
-        top = floor if any(p.accuracy >= floor for p in candidates) else max(p.accuracy for p in candidates)
-        i = min((i for i, p in enumerate(candidates) if p.accuracy >= top), key=lambda i: candidates[i].latency_ms)
         if len(self._cheapest_memo) > 256:
             self._cheapest_memo.clear()
-        self._cheapest_memo[memo_key] = (candidates, i)
+        i = _least_cost(candidates, floor)
+        self._cheapest_memo[(id(candidates), floor)] = (candidates, i)
         return i
 
     def start(self, reservation: Reservation, now_s: float) -> None:
@@ -548,3 +582,9 @@ class Scheduler:
         """Its job ended (or will never run). Idempotent."""
         with self._lock:
             self._reservations.get(reservation.processor, {}).pop(reservation.id, None)
+
+
+def _least_cost(candidates: Sequence[Plan], floor: float) -> int:
+    """Index of the least predicted latency among those meeting ``floor`` (else the most accurate)."""
+    top = floor if any(p.accuracy >= floor for p in candidates) else max(p.accuracy for p in candidates)
+    return min((i for i, p in enumerate(candidates) if p.accuracy >= top), key=lambda i: candidates[i].latency_ms)
