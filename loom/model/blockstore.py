@@ -341,6 +341,16 @@ class BlockStore:
         """The block's file in the store, unchecked (``read`` checks what it reads)."""
         return self.root / self.block(block_id).file
 
+    def _check(self, bid: str, path: Path, got: str) -> None:
+        """``BlockIntegrityError`` unless ``got`` (a sha256 of the file's bytes) is the block's."""
+        want = self.blocks[bid].sha256
+        if got != want:
+            with self._lock:
+                self._verified.discard(bid)
+            raise BlockIntegrityError(
+                f"block {bid}: {path} has sha256 {got}, the store recorded {want} (the file was changed or corrupted)"
+            )
+
     def read(self, block_id: str) -> bytes:
         """The block's bytes, read once and checked against its sha256 on every call.
 
@@ -349,22 +359,14 @@ class BlockStore:
         that load with ``BlockIntegrityError`` naming the block and its file.
         """
         bid = self.resolve(block_id)
-        b = self.blocks[bid]
-        path = self.root / b.file
+        path = self.root / self.blocks[bid].file
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlockIntegrityError(f"block {bid}: its file {path} is missing") from None
         except OSError as exc:
             raise BlockIntegrityError(f"block {bid}: cannot read its file {path}: {exc}") from exc
-        got = hashlib.sha256(data).hexdigest()
-        if got != b.sha256:
-            with self._lock:
-                self._verified.discard(bid)
-            raise BlockIntegrityError(
-                f"block {bid}: {path} has sha256 {got}, the store recorded {b.sha256} "
-                f"(the file was changed or corrupted)"
-            )
+        self._check(bid, path, hashlib.sha256(data).hexdigest())
         return data
 
     def path(self, block_id: str, *, recheck: bool = False) -> Path:
@@ -376,21 +378,13 @@ class BlockStore:
         the bytes it returns every time.
         """
         bid = self.resolve(block_id)
-        b = self.blocks[bid]
-        path = self.root / b.file
+        path = self.root / self.blocks[bid].file
         with self._lock:
             if bid in self._verified and not recheck:
                 return path
         if not path.is_file():
             raise BlockIntegrityError(f"block {bid}: its file {path} is missing")
-        got = file_sha256(path)
-        if got != b.sha256:
-            with self._lock:
-                self._verified.discard(bid)
-            raise BlockIntegrityError(
-                f"block {bid}: {path} has sha256 {got}, the store recorded {b.sha256} "
-                f"(the file was changed or corrupted)"
-            )
+        self._check(bid, path, file_sha256(path))
         with self._lock:
             self._verified.add(bid)
         return path
