@@ -13,7 +13,6 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,48 +26,10 @@ from loom.serving.pricing import (
     dispatch_ms,
     plan_structure,
 )
+from loom.serving.reservations import ON_UNSERVABLE, Decision, Reservation, processor_set
 from placement.plan import Plan
 
 __all__ = ["ON_UNSERVABLE", "Decision", "Reservation", "Scheduler", "dispatch_ms", "processor_set"]
-
-ON_UNSERVABLE = ("violate", "reject")
-
-
-@dataclass(frozen=True)
-class Decision:
-    plan: Plan | None
-    #: predicted completion (seconds, the caller's clock); inf when rejected
-    predicted_finish_s: float
-    #: the plan meets the accuracy floor and is predicted to finish by the deadline
-    feasible: bool
-    reason: str
-    #: corrected busy ms of each of the plan's segments (what ``admit`` reserves)
-    segment_ms: tuple[float, ...] = ()
-    #: no plan: shed under overload (``OverloadError``), not merely unservable
-    shed: bool = False
-
-
-@dataclass(eq=False)
-class Reservation:
-    """One segment's predicted work on one processor, from admission to the end of its job."""
-
-    id: int
-    processor: str
-    ms: float
-    #: EDF order of the job on its worker: (deadline, -priority)
-    key: tuple[float, float]
-    started_s: float | None = None
-
-    def remaining_ms(self, now_s: float) -> float:
-        if self.started_s is None:
-            return self.ms
-        return max(0.0, self.ms - (now_s - self.started_s) * 1e3)
-
-
-def processor_set(plan: Plan) -> tuple[str, ...]:
-    """What a plan's residual is learned by: the processors it uses (few keys, each well observed)."""
-    return tuple(sorted(set(plan.placement)))
-
 
 class Scheduler:
     """Picks a plan per request from the candidates and the predicted processor backlogs."""
@@ -115,6 +76,7 @@ class Scheduler:
         #: stays bounded at any offered load
         self.late_bound_factor = 10.0
         self._cheapest_memo: dict[tuple[int, float], tuple[Sequence[Plan], int]] = {}
+        self._procs_memo: dict[int, tuple[Sequence[Plan], set[str]]] = {}
         #: a processor whose running job has taken ``stuck_factor`` times its predicted ms, and
         #: at least ``stuck_floor_s``, is unhealthy: booked forever for new requests until that
         #: job returns (docs/serving.md, "Faults")
@@ -525,11 +487,14 @@ class Scheduler:
                 out.append(r)
             return d, out
 
-    @staticmethod
-    def _hopeless(candidates: Sequence[Plan], now_s: float, deadline_s: float, free: dict[str, float]) -> bool:
+    def _hopeless(self, candidates: Sequence[Plan], now_s: float, deadline_s: float, free: dict[str, float]) -> bool:
         """Whether every processor the candidates use is booked past ``deadline_s`` (a cheap early no)."""
-        procs = {p for plan in candidates for p in plan.placement}
-        return min(free.get(p, now_s) for p in procs) >= deadline_s
+        hit = self._procs_memo.get(id(candidates))
+        if hit is None or hit[0] is not candidates:
+            if len(self._procs_memo) > 256:
+                self._procs_memo.clear()
+            hit = self._procs_memo[id(candidates)] = (candidates, {p for plan in candidates for p in plan.placement})
+        return min(free.get(p, now_s) for p in hit[1]) >= deadline_s
 
     def _late(self, candidates: Sequence[Plan], d: Decision, now_s: float, deadline_s: float, floor: float,
               adaptive: bool) -> tuple[Decision, tuple[float, float]]:
