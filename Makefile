@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-runtime
 ZOO_STAMP := $(VENV)/.installed-zoo
 OUT ?= out
 
-.PHONY: venv demo test test-all lint zoo bench-stitch clean
+.PHONY: venv demo test test-all lint zoo bench-stitch clean device-wheels device-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,20 @@ zoo: $(ZOO_STAMP)
 
 bench-stitch: venv
 	$(BIN)/python scripts/bench_stitch.py --out $(OUT)/bench_stitch.json
+
+# The device check (issue 14; docs/devices.md): on a CPU + CUDA machine that has torch with
+# CUDA, onnx, onnxruntime and numpy but no package index, install from the wheels that
+# `make device-wheels` fetched here, run the GPU tests, profile the zoo on CPU and GPU and
+# run a short serving benchmark; JSON results in $$OUT when set, else out/device-check.
+# Without a GPU it runs the same steps on the CPU and says so.
+WHEELS ?= out/device-wheels
+DEVICE_PYTHON ?= 3.11
+
+device-wheels: venv
+	$(BIN)/python scripts/device_wheels.py --python $(DEVICE_PYTHON) --out $(WHEELS)
+
+device-check:
+	$(PY) scripts/device_check.py $(if $(wildcard $(WHEELS)/*.whl),--wheels $(WHEELS))
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -7,8 +7,10 @@ to install; ``fallback_report`` says when a block silently ran on the CPU instea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from loom.core.errors import BackendUnavailableError, ConfigError
@@ -55,6 +57,12 @@ PROVIDER_PACKAGES: dict[str, str] = {
     "MIGraphXExecutionProvider": "pip install onnxruntime-migraphx (AMD ROCm)",
     "DnnlExecutionProvider": "an onnxruntime built with --use_dnnl",
     "WebGpuExecutionProvider": "pip install onnxruntime-webgpu",
+}
+
+#: provider options that name a folder the provider writes into; onnxruntime's TensorRT
+#: provider creates only the last level of it, so they are made (parents too) before use
+CACHE_FOLDER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "TensorrtExecutionProvider": ("trt_engine_cache_path", "trt_timing_cache_path"),
 }
 
 #: session option that makes onnxruntime keep which provider runs which node
@@ -170,7 +178,7 @@ def check_available(
     and ``fallback`` is off."""
     missing = [n for n in provider_names(providers) if n not in available]
     if not missing:
-        return providers, []
+        return prepare_cache_folders(providers), []
     if not fallback:
         raise BackendUnavailableError(
             f"onnxruntime provider(s) {missing} not available here; this onnxruntime has "
@@ -178,7 +186,50 @@ def check_available(
             f"them and run on the providers that are here"
         )
     kept = [p for p in providers if _name(p) not in missing]
-    return (kept or [CPU_PROVIDER]), missing
+    return prepare_cache_folders(kept or [CPU_PROVIDER]), missing
+
+
+def prepare_cache_folders(providers: Sequence[Provider]) -> list[Provider]:
+    """The providers, with each cache folder their options name made (parents too) and
+    checked writable; ``~`` is expanded (onnxruntime would not).
+
+    onnxruntime's TensorRT provider creates only the last level of
+    ``trt_engine_cache_path``: a profile naming ``/var/cache/sparseloom/trt`` failed on a
+    machine without ``/var/cache/sparseloom``. A folder that cannot be made or written is
+    ``BackendUnavailableError`` naming the option and what to do, when the backend is
+    made, not a failure at the first block's load. Only providers that will run are
+    passed here, so a profile of another machine creates nothing on this one.
+    """
+    out: list[Provider] = []
+    for p in providers:
+        keys = CACHE_FOLDER_OPTIONS.get(_name(p), ())
+        if isinstance(p, str) or not any(k in p[1] for k in keys):
+            out.append(p)
+            continue
+        options = dict(p[1])
+        for key in keys:
+            if key in options:
+                options[key] = _make_cache_folder(p[0], key, str(options[key]))
+        out.append((p[0], options))
+    return out
+
+
+def _make_cache_folder(provider: str, key: str, value: str) -> str:
+    path = Path(os.path.expanduser(value))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+        why = "" if writable else "it exists but this user cannot write to it"
+    except OSError as exc:
+        why = f"cannot be made: {type(exc).__name__}: {exc.strerror or exc}"
+    if why:
+        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseloom"
+        raise BackendUnavailableError(
+            f"onnxruntime {provider}: {key} {value}: {why}. Make it writable for this user "
+            f"(sudo install -d -o $USER {path}) or point {key} at a folder of the user's "
+            f"cache, e.g. {user_cache / path.name}"
+        )
+    return str(path)
 
 
 def install_hint(names: Sequence[str]) -> str:

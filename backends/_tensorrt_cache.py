@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from backends.base import ModelSource
+from loom.core.errors import BackendUnavailableError
 
 #: bump when the engine cache key's fields or the plan files' meaning change
 ENGINE_CACHE_SCHEMA = 1
@@ -95,3 +96,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def make_folder(folder: Path, option: str) -> None:
+    """Make a cache folder (parents too) when the backend is made, or say why it cannot be:
+    a profile naming ``/var/cache/sparseloom/...`` must fail at construction with the
+    option's name, not at the first block's build with a bare ``PermissionError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        why = "" if os.access(folder, os.W_OK | os.X_OK) else "it exists but this user cannot write to it"
+    except OSError as exc:
+        why = f"cannot be made: {type(exc).__name__}: {exc.strerror or exc}"
+    if why:
+        raise BackendUnavailableError(
+            f"tensorrt: {option} {folder}: {why}; make it writable for this user "
+            f"(sudo install -d -o $USER {folder}) or point {option} at a folder under ~/.cache"
+        )

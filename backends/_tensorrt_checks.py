@@ -149,6 +149,45 @@ def has_qdq(proto: onnx.ModelProto) -> bool:
     return any(n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx") for n in onnx_nodes(proto))
 
 
+def block_precision(proto: onnx.ModelProto) -> str:
+    """The lowest precision a block's own types ask for: ``int8`` (Q/DQ nodes), ``fp16``
+    (a float16 input, output, initializer, intermediate or Cast), else ``fp32``.
+
+    What a strongly typed network (TensorRT 11) runs in: the builder no longer lowers
+    precision on its own, so an ``fp32`` block has no layer the DLA can take.
+    """
+    if has_qdq(proto):
+        return "int8"
+    half = onnx.TensorProto.FLOAT16
+    g = proto.graph
+    typed = [*g.input, *g.output, *g.value_info]
+    if any(v.type.tensor_type.elem_type == half for v in typed):
+        return "fp16"
+    if any(t.data_type == half for t in g.initializer):
+        return "fp16"
+    for node in onnx_nodes(proto):
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
+                return "fp16"
+            if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == half:
+                return "fp16"
+    return "fp32"
+
+
+def dla_problem(precision: str, *, version: str) -> str | None:
+    """Why a strongly typed block cannot go to the DLA, or None. TensorRT 11.4 brought
+    the DLA back for strongly typed networks only, and the DLA runs fp16 and int8 layers
+    only: an fp32 block's every layer would fall back to the GPU (``GPU_FALLBACK``), and a
+    profile measured on the GPU under a DLA processor's name is worse than no profile."""
+    if precision != "fp32":
+        return None
+    return (
+        f"float32 network (the DLA runs only fp16 and int8 layers; TensorRT {version} builds "
+        f"strongly typed networks, so every layer would run on the GPU instead: load the "
+        f"family's fp16 or int8 variant)"
+    )
+
+
 def quantization_problems(proto: onnx.ModelProto) -> list[str]:
     """Q/DQ nodes TensorRT cannot run: it supports only symmetric, signed int8 (zero point
     0, "TRT only supports symmetric quantization - zeroPt must be all zeros" is the parser's

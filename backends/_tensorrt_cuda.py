@@ -31,6 +31,9 @@ class CudaApi:
     """The few CUDA runtime calls this backend needs, over cuda-python or torch.cuda."""
 
     name = "cuda"
+    #: why a binding tried before this one was not used (cuda-python failing to start,
+    #: e.g. ``cudaErrorInsufficientDriver`` on a driver too old for it); "" when none was
+    fallback = ""
 
     def device_count(self) -> tuple[int, str]:
         """(visible GPUs, why none when 0). Never raises."""
@@ -219,8 +222,10 @@ class _TorchCuda(CudaApi):
         stream.synchronize()
 
 
-@lru_cache(maxsize=1)
-def _detect_cuda() -> CudaApi:
+def _cuda_python() -> CudaApi | None:
+    """cuda-python's runtime bindings (``cuda.bindings.runtime``, else the older
+    ``cuda.cudart``), or None when neither is installed. A binding whose import itself
+    fails (a driver library that does not load) raises: the caller records why."""
     try:
         from cuda.bindings import runtime as rt  # cuda-python >= 12.6
 
@@ -233,14 +238,52 @@ def _detect_cuda() -> CudaApi:
             from cuda import cudart as rt  # type: ignore[no-redef]  # cuda-python < 13
         return _CudaPython(rt, "cuda-python (cuda.cudart)")
     except ImportError:
-        pass
-    if compat.is_installed("torch"):
-        import torch
+        return None
 
-        return _TorchCuda(torch)
+
+def _torch_cuda() -> CudaApi | None:
+    if not compat.is_installed("torch"):
+        return None
+    import torch
+
+    return _TorchCuda(torch)
+
+
+@lru_cache(maxsize=1)
+def _detect_cuda() -> CudaApi:
+    """cuda-python when it starts and sees a GPU; else torch.cuda, with the reason.
+
+    cuda-python 13 needs an R580+ driver: on JetPack 6 (R540) an unpinned ``pip install
+    cuda-python`` imports fine and then every call fails with
+    ``cudaErrorInsufficientDriver``. So the binding is tried (``cudaGetDeviceCount``), and
+    when it fails while torch.cuda sees a GPU, torch's CUDA is used and ``fallback`` says
+    why cuda-python was not (``describe()["cuda_api_fallback"]``).
+    """
+    why_not = ""
+    try:
+        first = _cuda_python()
+    except Exception as exc:  # a binding installed but broken: say so, try torch
+        first, why_not = None, f"cuda-python does not import: {type(exc).__name__}: {exc}"
+    if first is not None:
+        count, why = first.device_count()
+        if count:
+            return first
+        why_not = f"{first.name}: {why}"
+    second = _torch_cuda()
+    if second is not None:
+        if first is None and not why_not:
+            return second  # cuda-python is not installed: torch.cuda is the binding, no fallback
+        count, _ = second.device_count()
+        if count or first is None:
+            second.fallback = why_not
+            return second
+        return first  # neither sees a GPU: cuda-python's reason is the one to read
+    if first is not None:
+        return first
     raise MissingDependencyError(
         "the tensorrt backend needs a CUDA runtime binding for device memory and streams: "
         "pip install cuda-python (or a CUDA build of torch)"
+        + (f"; {why_not}" if why_not else "")
     )
 
 

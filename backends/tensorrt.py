@@ -34,12 +34,15 @@ from backends._tensorrt_cache import (
     atomic_write,
     content_sha256,
     engine_cache_key,
+    make_folder,
 )
 from backends._tensorrt_checks import (
     OPTION_DEFAULTS,
     QDQ_OPS,
     batch_range,
+    block_precision,
     check_options,
+    dla_problem,
     has_qdq,
     input_profile,
     onnx_nodes,
@@ -95,6 +98,14 @@ def _trt() -> Any:
     return compat.require("tensorrt")
 
 
+def _make_cache_folders(engine_cache_dir: Any, timing_cache: Any) -> None:
+    """The cache folders, parents too, or ``BackendUnavailableError`` naming the option."""
+    if engine_cache_dir is not None:
+        make_folder(Path(engine_cache_dir), "engine_cache_dir")
+    if timing_cache is not None:
+        make_folder(Path(timing_cache).parent, "timing_cache")
+
+
 class TensorRtBackend(Backend):
     """TensorRT on one GPU (or one of its DLA cores), with its precision and caches.
 
@@ -135,6 +146,7 @@ class TensorRtBackend(Backend):
         self._trt = trt
         self.version = str(trt.__version__)
         self._cuda = self._open_cuda(device_id)
+        _make_cache_folders(engine_cache_dir, timing_cache)  # here: a machine that builds engines
         #: TensorRT 10 has the precision builder flags; TensorRT 11 is strongly typed only
         self.weak_typing = hasattr(trt.BuilderFlag, "FP16")
         if fp16 and not self.weak_typing:
@@ -173,7 +185,11 @@ class TensorRtBackend(Backend):
         cuda = cuda_api()
         count, why = cuda.device_count()
         if count == 0:
-            raise BackendUnavailableError(f"tensorrt {self.version}: no CUDA GPU visible ({why})")
+            raise BackendUnavailableError(
+                f"tensorrt {self.version}: no CUDA GPU visible ({why}; via {cuda.name}"
+                + (f", used because {cuda.fallback}" if cuda.fallback else "")
+                + ")"
+            )
         if device_id >= count:
             raise BackendUnavailableError(
                 f"tensorrt: device_id {device_id} is not visible; {count} CUDA GPU(s): 0..{count - 1}"
@@ -234,11 +250,14 @@ class TensorRtBackend(Backend):
             gpus = [f"{cuda.device_name(i)} (sm {cuda.capability(i)})" for i in range(count)]
         except Exception as exc:
             return False, f"tensorrt {version}: cannot query the GPUs: {type(exc).__name__}: {exc}"
-        return True, f"tensorrt {version}, GPU(s) {gpus}, device memory and streams via {cuda.name}"
+        used = f"via {cuda.name}" + (f" (used because {cuda.fallback})" if cuda.fallback else "")
+        return True, f"tensorrt {version}, GPU(s) {gpus}, device memory and streams {used}"
 
     def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
         """Q/DQ nodes TensorRT cannot run (asymmetric or uint8), Q/DQ nodes when this
-        processor has ``int8`` off, and op types ``OnnxParser.supports_operator`` denies.
+        processor has ``int8`` off, a float32 block on a DLA core of a strongly typed
+        TensorRT (11.4+: it would run on the GPU), and op types
+        ``OnnxParser.supports_operator`` denies.
 
         ``supports_operator`` may answer yes for an op a particular attribute combination
         makes unparseable (its documentation says so): such blocks fail at load with every
@@ -251,6 +270,10 @@ class TensorRtBackend(Backend):
         if not self.int8:
             present = {n.op_type for n in nodes if n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx")}
             bad.update(f"{op} (int8 is off on this processor)" for op in present)
+        if self.dla_core is not None and not self.weak_typing:
+            problem = dla_problem(block_precision(model), version=self.version)
+            if problem:
+                bad.add(problem)
         parser = self._builder.probe_parser()
         for domain, op in sorted({(n.domain, n.op_type) for n in nodes}):
             if op in QDQ_OPS and domain in ("", "ai.onnx"):
@@ -293,7 +316,10 @@ class TensorRtBackend(Backend):
             handle=handle,
             memory_bytes=activations + len(plan) + io_bytes,
             load_seconds=seconds,
-            info=self._block_info(cache, activations, len(plan), io_bytes),
+            info={
+                **self._block_info(cache, activations, len(plan), io_bytes),
+                "precision": block_precision(src.proto),
+            },
         )
 
     def _block_info(self, cache: str, activations: int, engine_bytes: int, io_bytes: int) -> dict[str, Any]:
@@ -308,6 +334,7 @@ class TensorRtBackend(Backend):
             "batch_range": list(self.batch),
             "engine_cache": cache,  # "hit", "miss", "rebuilt" or "off"
             "cuda_api": self._cuda.name,
+            "cuda_api_fallback": self._cuda.fallback,
             # GPU memory, accounted (not RSS): activations + plan + I/O buffers
             "device_memory_bytes": activations,
             "engine_bytes": engine_bytes,
@@ -351,6 +378,8 @@ class TensorRtBackend(Backend):
             "batch_range": list(self.batch),
             "strongly_typed": not self.weak_typing,
             "cuda_api": self._cuda.name,
+            # why cuda-python was not used ("" when it was, or was not installed)
+            "cuda_api_fallback": self._cuda.fallback,
             "cores": self.cores,
         }
 

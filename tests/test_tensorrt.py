@@ -890,3 +890,80 @@ def test_real_engine_matches_onnxruntime():
         # TF32 may be used for float32 convolutions on Ampere and later: ~1e-3 relative
         np.testing.assert_allclose(got[name], want[name], rtol=2e-3, atol=2e-3)
     trt.release(block)
+
+
+# --- deployment traps (issue 14) ---------------------------------------------------------------
+
+
+def fp16_model() -> onnx.ModelProto:
+    """y = x, in float16: a block of a family's fp16 variant (its types say fp16)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"], name="id")],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_block_precision_reads_the_blocks_own_types():
+    from backends._tensorrt_checks import block_precision
+
+    assert block_precision(identity_model()) == "fp32"
+    assert block_precision(fp16_model()) == "fp16"
+    assert block_precision(qdq_model()) == "int8"
+    cast = identity_model()
+    cast.graph.node.append(helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT16))
+    assert block_precision(cast) == "fp16"
+
+
+def test_fake_strongly_typed_dla_refuses_an_fp32_block(fake):
+    """TensorRT 11.4 brought the DLA back for strongly typed networks only: an fp32 block
+    would run every layer on the GPU under the DLA's name, so it is refused, by name."""
+    world = fake(version="11.4.0", dla_cores=2)
+    dla = backends.get_backend("tensorrt", dla_core=0)
+    assert dla.describe()["strongly_typed"] is True
+    bad = dla.unsupported_ops(identity_model())
+    assert len(bad) == 1 and bad[0].startswith("float32 network (the DLA runs only fp16 and int8 layers")
+    with pytest.raises(UnsupportedOpsError, match="float32 network.*fp16 or int8 variant"):
+        dla.load(identity_model(), block_id="fp32-block")
+    assert world.configs == []  # refused before any build
+    # the family's fp16 and int8 variants go to the DLA, and say what they are
+    half = dla.load(fp16_model(), block_id="fp16-block")
+    assert half.info["precision"] == "fp16" and half.info["dla_core"] == 0
+    assert world.configs[-1].default_device_type == world.module.DeviceType.DLA
+    dla8 = backends.get_backend("tensorrt", dla_core=1, int8=True)
+    assert dla8.load(qdq_model(), block_id="int8-block").info["precision"] == "int8"
+    # the GPU processor of the same TensorRT takes the fp32 block
+    gpu = backends.get_backend("tensorrt")
+    assert gpu.load(identity_model()).info["precision"] == "fp32"
+    # TensorRT 10 (weak typing) lowers precision itself with fp16 on: no refusal there
+    fake(version="10.9.0", dla_cores=1)
+    assert backends.get_backend("tensorrt", dla_core=0, fp16=True).unsupported_ops(identity_model()) == []
+
+
+def test_fake_cuda_python_fallback_is_described(fake):
+    """When cuda-python could not start and torch's CUDA is used, describe(), each block and
+    is_available() say which binding runs and why."""
+    cuda = fake().cuda
+    cuda.fallback = "cuda-python (cuda.bindings.runtime): cudaGetDeviceCount: cudaErrorInsufficientDriver"
+    trt = backends.get_backend("tensorrt")
+    assert trt.describe()["cuda_api"] == "fake-cuda"
+    assert trt.describe()["cuda_api_fallback"].endswith("cudaErrorInsufficientDriver")
+    assert trt.load(identity_model()).info["cuda_api_fallback"] == cuda.fallback
+    ok, why = TensorRtBackend.is_available()
+    assert ok and "via fake-cuda (used because cuda-python" in why
+    cuda.devices = 0
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU visible.*used because cuda-python"):
+        backends.get_backend("tensorrt")
+
+
+def test_fake_cache_folders_are_made_at_construction_or_refused_by_name(fake, tmp_path):
+    fake()
+    engines, timing = tmp_path / "var" / "cache" / "sparseloom" / "trt", tmp_path / "t" / "a" / "timing.cache"
+    backends.get_backend("tensorrt", engine_cache_dir=engines, timing_cache=timing)
+    assert engines.is_dir() and timing.parent.is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(BackendUnavailableError, match=r"engine_cache_dir .*cannot be made.*sudo install -d"):
+        backends.get_backend("tensorrt", engine_cache_dir=blocker / "trt")
