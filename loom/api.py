@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from loom.app.config import POLICIES, SloConfig, load_slo_config
     from loom.app.demo import run_demo
     from loom.app.deployment import Deployment
-    from loom.app.scenario import scenario, static_capacity
+    from loom.app.peers import PEERS, peer_server, run_peer
+    from loom.app.scenario import measured_bound, scenario, static_capacity
     from loom.app.serve import bench, describe_plans, format_rows, serve
     from loom.app.sim_latency import LatencyModel, on_device
     from loom.app.sim_overhead import HostOverhead
@@ -85,7 +86,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loom.serving.runtime": ("Runtime",),
     "loom.serving.metrics": ("RequestRecord",),
     "loom.app.serve": ("bench", "describe_plans", "format_rows", "serve"),
-    "loom.app.scenario": ("scenario", "static_capacity"),
+    "loom.app.scenario": ("measured_bound", "scenario", "static_capacity"),
+    "loom.app.peers": ("PEERS", "peer_server", "run_peer"),
     # simulating, and the demo
     "loom.app.simulate": ("SimResult", "simulate"),
     "loom.app.sim_latency": ("LatencyModel", "on_device"),

@@ -1,4 +1,4 @@
-"""The serving benchmark: the seven policies on the same seeded trace, real inference.
+"""The serving benchmark: the seven policies and two peers on the same seeded trace, real inference.
 
 On the host device profile (onnxruntime pinned to core 0, OpenVINO pinned to core 1),
 with the tasks of ``configs/serve.yaml``, in one process, one policy after another:
@@ -11,14 +11,24 @@ with the tasks of ``configs/serve.yaml``, in one process, one policy after anoth
   ``--tight`` (0.6 by default); floors as configured; the config's mid-run SLO changes
   are left out so that every cell serves one SLO;
 - every policy serves the *same* arrivals and inputs (same seed) at each cell;
+- **peers** (``loom.app.peers``): what a user would run instead, on the same trace and
+  judged by the same records: ``ort-plain`` (each task's ``sv-lo-np`` variant as one
+  default onnxruntime session, a thread per task) and ``openvino-throughput`` (the same
+  variants on OpenVINO's CPU plugin, THROUGHPUT hint, f32, async infer queues).
+  ``--no-peers`` leaves them out (they add about a quarter to the run time);
 - ``goodput_bound_rps``: the fluid (LP) relaxation over every stitched plan meeting
   each task's SLO, capped by the offered rate: no policy can do better;
+- ``measured_bound_rps``: MEASURED, not modelled: the closed-loop saturation throughput
+  of the processors for sparseloom's planned mix at the cell (``loom.app.scenario.
+  measured_bound``: client threads submitting back to back, no latency bound, for
+  ``--bound-seconds``), with goodput as a share of it in ``ratios``;
 - **drift**: sparseloom at 0.5x load (healthy before the contention, so that what the
   contention costs is what is measured), with a competing busy process pinned to the
   first processor's core for the middle third of the run, with the online latency
   correction and without it.
 
-Writes ``{"runs": [...], "goodput_bound_rps": {...}, "ratios": {...}, "drift": {...}}``, a
+Writes ``{"runs": [...], "goodput_bound_rps": {...}, "measured_bound_rps": {...}, "ratios": {...},
+"drift": {...}}``, a
 table, and plots (violations by policy per cell, goodput, the latency CDF of the 1x
 tight cell, the drift run's timeline).
 
@@ -40,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loom.app.config import POLICIES, SloConfig  # noqa: E402
 from loom.app.deployment import Deployment  # noqa: E402
+from loom.app.peers import PEERS, is_peer, run_peer  # noqa: E402
 from loom.app.run import RunResult, run_trace  # noqa: E402
-from loom.app.scenario import scenario, slos_of, static_capacity  # noqa: E402
+from loom.app.scenario import measured_bound, scenario, slos_of, static_capacity  # noqa: E402
 from loom.core.progress import say  # noqa: E402
 from loom.serving.plots import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
 from placement.assignment import fluid_goodput_bound  # noqa: E402
@@ -132,7 +143,11 @@ def main() -> int:
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 1.5])
     ap.add_argument("--tight", type=float, default=0.6, help="the tight SLO's bounds as a share of the config's")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per policy and cell")
-    ap.add_argument("--policies", nargs="*", default=list(POLICIES))
+    ap.add_argument("--policies", nargs="*", default=[*POLICIES, *PEERS],
+                    help=f"policies of the runtime ({', '.join(POLICIES)}) and peers ({', '.join(PEERS)})")
+    ap.add_argument("--no-peers", action="store_true", help="leave the peers out of --policies")
+    ap.add_argument("--bound-seconds", type=float, default=3.0,
+                    help="seconds of the measured (closed-loop) bound per cell; 0: none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drift-duration", type=float, default=18.0)
     ap.add_argument("--no-drift", action="store_true")
@@ -151,7 +166,8 @@ def main() -> int:
         capacity = start
     say(f"capacity of the best static plan ({who}): {capacity:.0f} requests/s measured "
         f"(fluid bound {fluid_capacity:.0f}/s)")
-    runs, bounds, cdf_runs = [], {}, {}
+    policies = [p for p in args.policies if not (args.no_peers and is_peer(p))]
+    runs, bounds, measured, cdf_runs = [], {}, {}, {}
     t_start = time.perf_counter()
     for slo, scale in (("loose", 1.0), ("tight", args.tight)):
         for load in args.loads:
@@ -161,8 +177,12 @@ def main() -> int:
             cands = {t: dep.candidates("sparseloom")[t] for t in mix}
             fluid = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix, candidates=cands)
             bounds[f"{load}/{slo}"] = min(total, fluid)
-            for name in args.policies:
-                run = run_trace(dep, name)
+            if args.bound_seconds > 0:
+                mb = measured_bound(dep, "sparseloom", seconds=args.bound_seconds)
+                measured[f"{load}/{slo}"] = mb["rps"]
+                say(f"{slo} {load}x: measured bound (closed loop, sparseloom's mix) {mb['rps']:.0f} requests/s")
+            for name in policies:
+                run = (run_peer if is_peer(name) else run_trace)(dep, name)
                 runs.append(row_of(run, load, slo, total))
                 say(f"{slo} {load}x ({total:.0f}/s) {name}: violations {runs[-1]['slo_violation_rate']:.1%}, "
                     f"goodput {runs[-1]['goodput_rps']:.1f}/s")
@@ -183,9 +203,11 @@ def main() -> int:
                                            if r["slo_violation_rate"] else None for p, r in cell.items() if p != "sparseloom"},
                 "goodput_ratio_vs": {p: ratio(sl["goodput_rps"], r["goodput_rps"]) for p, r in cell.items() if p != "sparseloom"},
                 "goodput_share_of_bound": ratio(sl["goodput_rps"], bounds[key]),
+                "goodput_share_of_measured_bound": {p: ratio(r["goodput_rps"], measured.get(key))
+                                                    for p, r in cell.items()},
             }
     result: dict[str, Any] = {
-        "runs": runs, "goodput_bound_rps": bounds, "ratios": ratios,
+        "runs": runs, "goodput_bound_rps": bounds, "measured_bound_rps": measured, "ratios": ratios,
         "settings": {"config": args.config, "capacity_rps": capacity, "capacity_policy": who, "mix": mix,
                      "capacity_fluid_rps": fluid_capacity, "capacity_search": steps,
                      "loads": args.loads, "tight_scale": args.tight, "duration_s": args.duration, "seed": args.seed,
@@ -197,9 +219,9 @@ def main() -> int:
                                 seed=args.seed, out=out)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    print(f"{'cell':<11} {'policy':<11} {'viol':>7} {'goodput':>8} {'thru':>7} {'p99 ms':>8} {'RSS MB':>7}")
+    print(f"{'cell':<11} {'policy':<19} {'viol':>7} {'goodput':>8} {'thru':>7} {'p99 ms':>8} {'RSS MB':>7}")
     for r in runs:
-        print(f"{str(r['load']) + '/' + r['slo']:<11} {r['policy']:<11} {r['slo_violation_rate']:>7.1%} "
+        print(f"{str(r['load']) + '/' + r['slo']:<11} {r['policy']:<19} {r['slo_violation_rate']:>7.1%} "
               f"{r['goodput_rps']:>8.1f} {r['throughput_rps']:>7.1f} {(r['p99_ms'] or float('nan')):>8.2f} {r['peak_rss_mb']:>7.0f}")
     for key, rt in ratios.items():
         red = ", ".join(f"{p} {v:+.0%}" for p, v in rt["violation_reduction_vs"].items() if v is not None)
@@ -207,6 +229,9 @@ def main() -> int:
         share = rt["goodput_share_of_bound"]
         print(f"{key}: violations down vs {red}; goodput vs {gp}; "
               f"{'-' if share is None else f'{share:.0%}'} of the fluid bound {bounds[key]:.1f}/s")
+        if key in measured:
+            shares = ", ".join(f"{p} {v:.0%}" for p, v in rt["goodput_share_of_measured_bound"].items() if v is not None)
+            print(f"{key}: measured bound (closed loop) {measured[key]:.0f}/s; goodput as a share of it: {shares}")
     if "drift" in result:
         for r in result["drift"]["runs"]:
             print(f"drift, correction {'on ' if r['correction'] else 'off'}: violations {r['slo_violation_rate']:.1%} "

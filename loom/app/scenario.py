@@ -1,17 +1,27 @@
 """Load scenarios, the benchmarks' knobs: the best static plan's capacity, and configs scaled to a load.
 
 ``static_capacity`` is the largest total rate the best single-variant policy sustains
-(its fluid bound); ``scenario`` is a config at a given total Poisson rate and SLO scale.
+(its fluid bound); ``scenario`` is a config at a given total Poisson rate and SLO scale;
+``measured_bound`` is the processors' closed-loop saturation throughput for a policy's
+planned mix, measured on the real runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
+import threading
+import time
 from collections.abc import Mapping
+from typing import Any
 
+from loom.app.arrivals import make_trace
 from loom.app.config import SloConfig
 from loom.app.deployment import Deployment
+from loom.core.errors import ConfigError
+from loom.serving.metrics import MetricsCollector, utilization
 from placement.assignment import fluid_goodput_bound
 from placement.policies import get_policy
 
@@ -50,3 +60,58 @@ def scenario(base: SloConfig, *, total_rps: float, mix: Mapping[str, float], bou
     cfg.run.duration_s = duration_s
     cfg.run.seed = seed
     return cfg
+
+
+#: the latency bound of every request of a saturation run: no request is ever late, none shed
+_NO_BOUND_MS = 1e6
+
+
+def measured_bound(dep: Deployment, policy: str = "sparseloom", *, seconds: float = 3.0, warmup_s: float = 0.5,
+                   clients_per_task: int = 2) -> dict[str, Any]:
+    """MEASURED closed-loop saturation throughput of the processors for ``policy``'s planned mix.
+
+    A ``Runtime`` bound to the policy's plans and planned mix (at the config's SLOs and
+    rates, as ``run_trace`` builds it) serves ``clients_per_task`` x tasks client threads,
+    each submitting its next request as soon as its previous one ends (closed loop), with
+    no latency bound (a request is never late, never shed: every processor is kept busy,
+    the scheduler follows the planned mix). The clients take their requests in turn from
+    the config's seeded trace, so the tasks come in the config's rate mix, with its
+    inputs. Returns completed requests per second over ``seconds`` after ``warmup_s``
+    (``rps``), per task, the processors' utilization, and ``measured: True``. The figure
+    includes the Python runtime's own cost on the host's cores (it is this runtime's
+    bound, measured, not the fluid bound).
+    """
+    cfg = dep.config
+    trace = make_trace(cfg, {t: len(dep.inputs(t)) for t in cfg.task_names}, duration_s=max(cfg.run.duration_s, 5.0))
+    if not trace:
+        raise ConfigError(f"{cfg.source}: the trace has no request: no mix to saturate the processors with")
+    collector = MetricsCollector()
+    rt = dep.runtime(policy, on_record=collector.record)
+    names = {t: dep.families[t].manifest.input.name for t in cfg.task_names}
+    turn = itertools.count()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            it = trace[next(turn) % len(trace)]
+            x = dep.inputs(it.task)
+            fut = rt.submit(it.task, {names[it.task]: x[it.sample: it.sample + 1]}, deadline_ms=_NO_BOUND_MS)
+            with contextlib.suppress(Exception):  # a failed request is simply not counted
+                fut.result()
+
+    threads = [threading.Thread(target=client, name=f"saturate-{i}", daemon=True)
+               for i in range(clients_per_task * len(cfg.tasks))]
+    t0 = rt.now()
+    for th in threads:
+        th.start()
+    time.sleep(warmup_s + seconds)
+    stop.set()
+    for th in threads:
+        th.join()
+    rt.close()
+    lo, hi = t0 + warmup_s, t0 + warmup_s + seconds
+    done = [r for r in collector.records if r.completed and r.end_s is not None and lo <= r.end_s < hi]
+    return {"rps": len(done) / seconds, "measured": True, "policy": policy, "seconds": seconds,
+            "clients": len(threads),
+            "by_task_rps": {t: sum(r.task == t for r in done) / seconds for t in cfg.task_names},
+            "utilization": utilization(collector.records, lo, hi)}

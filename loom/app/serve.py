@@ -16,6 +16,7 @@ from typing import Any
 
 from loom.app.config import POLICIES
 from loom.app.deployment import Deployment
+from loom.app.peers import PEERS, is_peer, run_peer
 from loom.app.run import run_trace, summary_row, write_run
 from loom.app.scenario import scenario, static_capacity
 from loom.app.sim_latency import LatencyModel, on_device
@@ -26,6 +27,7 @@ from loom.processors.device import load_device_profile
 from loom.profiling.dataset import load_profile_dataset
 from loom.serving.metrics import RequestRecord
 from placement.assignment import assign
+from placement.policies import get_policy
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -33,9 +35,10 @@ def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
-    lines = [f"{'policy':<11} {'violations':>10} {'goodput/s':>9} {'thru/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}"]
+    w = max([11, *(len(str(r["policy"])) for r in rows)])
+    lines = [f"{'policy':<{w}} {'violations':>10} {'goodput/s':>9} {'thru/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}"]
     for r in rows:
-        lines.append(f"{r['policy']:<11} {f(r['slo_violation_rate'], '>10.1%')} {f(r['goodput_rps'], '>9.1f')} "
+        lines.append(f"{r['policy']:<{w}} {f(r['slo_violation_rate'], '>10.1%')} {f(r['goodput_rps'], '>9.1f')} "
                      f"{f(r['throughput_rps'], '>8.1f')} {f(r['p50_ms'], '>7.2f')} {f(r['p99_ms'], '>7.2f')} "
                      f"{f(r['peak_rss_mb'], '>7.0f')}")
     return "\n".join(lines)
@@ -43,10 +46,10 @@ def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def serve(config: str | Path, *, out_dir: str | Path = "out/serve", policy: str | None = None,
           duration_s: float | None = None) -> dict[str, Any]:
-    """Run the config (its policy, or ``policy``) for its duration; write the trace, plots and a report."""
+    """Run the config (its policy, or ``policy``: also a peer) for its duration; write the trace, plots and a report."""
     dep = Deployment.from_config(config)
     name = policy or dep.config.policy
-    run = run_trace(dep, name, duration_s=duration_s)
+    run = (run_peer if is_peer(name) else run_trace)(dep, name, duration_s=duration_s)
     out = Path(out_dir)
     row = write_run(run, out)
     report = {"config": str(dep.config.source), "device": dep.device.name, "policy": run.policy,
@@ -60,6 +63,8 @@ def bench(config: str | Path, *, out_dir: str | Path = "out/bench", policies: Se
           load: float | None = None) -> dict[str, Any]:
     """Every policy on the same seeded trace, one after another in this process.
 
+    ``policies`` may also name peers (``loom.app.peers.PEERS``: plain onnxruntime, OpenVINO
+    THROUGHPUT), run on the same trace with real inference; a simulated bench skips them.
     ``simulate``: run ``loom.app.simulate`` instead of the real runtime, on this device
     (latencies from its profile dataset) or on ``device``, a profile that need not be
     here (latencies from its datasheet figures). ``load``: scale the config's rates to
@@ -67,6 +72,7 @@ def bench(config: str | Path, *, out_dir: str | Path = "out/bench", policies: Se
     """
     from loom.serving.plots import plot_latency_cdf, plot_violations_by_policy
 
+    _check_names(policies)
     dep = Deployment.from_config(config)
     out = Path(out_dir)
     latency: LatencyModel | None = None
@@ -79,15 +85,32 @@ def bench(config: str | Path, *, out_dir: str | Path = "out/bench", policies: Se
         _scale_to_load(dep, load, duration_s)
     rows, by_policy = [], {}
     for name in policies:
+        if is_peer(name) and latency is not None:
+            say(f"{name}: a peer (a plain engine outside the runtime) cannot be simulated: skipped")
+            continue
         row, records = _bench_cell(dep, name, out, latency, duration_s)
         rows.append(row)
         by_policy[row["policy"]] = records
-    plot_violations_by_policy(rows, out / "violations.png")
-    plot_latency_cdf(by_policy, out / "latency_cdf.png")
+    if rows:
+        plot_violations_by_policy(rows, out / "violations.png")
+        plot_latency_cdf(by_policy, out / "latency_cdf.png")
     report = {"config": str(dep.config.source), "device": dep.device.name, "runs": rows,
               "simulated": latency is not None, "source": source}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+def _check_names(policies: Sequence[str]) -> None:
+    """Every name a policy of the runtime or a peer, else one ``ConfigError`` naming both lists."""
+    for name in policies:
+        if is_peer(name):
+            continue
+        try:
+            get_policy(name)
+        except ConfigError:
+            raise ConfigError(f"unknown policy or peer {name!r}; policies: {', '.join(POLICIES)}; "
+                              f"peers: {', '.join(PEERS)}") from None
 
 
 def _simulated(dep: Deployment, device: str | None) -> tuple[Deployment, LatencyModel]:
@@ -117,7 +140,7 @@ def _bench_cell(dep: Deployment, policy: str, out: Path, latency: LatencyModel |
     """One policy's run, real (``latency`` None: its trace and timeline written under ``out``) or
     simulated: its report row and records."""
     if latency is None:
-        run = run_trace(dep, policy, duration_s=duration_s)
+        run = (run_peer if is_peer(policy) else run_trace)(dep, policy, duration_s=duration_s)
         return write_run(run, out), run.records
     res = simulate(dep, policy, latency, duration_s=duration_s)
     return {**summary_row(res.policy, res.summary, None), "simulated": True}, res.records
