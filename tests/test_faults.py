@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 
 from backends.base import Backend, LoadedBlock
 from backends.null import NullBackend
-from loom.core.errors import InputError, LoomError, OverloadError, RuntimeClosedError
+from loom.core.errors import BackendError, InputError, LoomError, OverloadError, RuntimeClosedError
 from loom.serving.runtime import Runtime, TaskBinding
 from tests.test_runtime import WIDTH, Records, all_placements, make_plan, task_blocks, x
 
@@ -276,3 +277,21 @@ def test_a_plan_made_by_hand_keeps_serving_after_a_hang(tmp_path: Path) -> None:
     finally:
         hanging.unhang.set()
         rt.close()
+
+
+def test_a_wrong_shaped_result_is_an_error_naming_the_block_not_a_result(tmp_path: Path) -> None:
+    backends = {"a": Faulty(1.0, wrong_shape=True), "b": Faulty(1.0, wrong_shape=True)}
+    task = one_task(tmp_path, {"a": 1.0, "b": 1.0}, spec=True)
+    task = replace(task, outputs={"y": ("float32", ("batch", WIDTH))})
+    with Runtime(backends=backends, tasks=[task]) as rt:
+        results = [outcome(rt.submit("t", x())) for _ in range(4)]
+    assert all(isinstance(r, BackendError) for r in results)
+    assert all("returned a wrong result" in str(r) and "processor" in str(r) and "(3, 7, 5)" in str(r)
+               for r in results)
+
+
+def test_a_right_result_passes_the_output_check(tmp_path: Path) -> None:
+    task = replace(one_task(tmp_path, {"a": 1.0, "b": 1.0}, spec=True), outputs={"y": ("float32", ("batch", WIDTH))})
+    with Runtime(backends={"a": Faulty(1.0), "b": Faulty(1.0)}, tasks=[task]) as rt:
+        result = outcome(rt.submit("t", x()))
+    assert isinstance(result, dict) and result["y"].shape == (1, WIDTH)

@@ -196,11 +196,13 @@ class Deployment:
         for t in self.config.tasks:
             lat, floor = self.config.slo_at(t.name, 0.0)
             manifest = self.families[t.name].manifest
-            spec = manifest.input  # checked by the runtime at submit: dtype, rank, fixed dims
+            # checked by the runtime: the inputs at submit, the outputs before a request resolves
+            spec, result = manifest.input, manifest.output
             out.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
                                    latency_ms=lat, accuracy_floor=floor, priority=t.priority,
-                                   output_name=manifest.output.name,
-                                   inputs={spec.name: (spec.dtype or "float32", tuple(spec.shape) or None)}))
+                                   output_name=result.name,
+                                   inputs={spec.name: (spec.dtype or "float32", tuple(spec.shape) or None)},
+                                   outputs={result.name: (result.dtype or "float32", tuple(result.shape) or None)}))
         return out
 
     def corrector(self, correction: bool | None = None) -> LatencyCorrector:

@@ -250,7 +250,7 @@ class SimRuntime:
         outputs, and no input spec (the simulated requests carry no inputs)."""
         paths = {b: Path(b) for b, _p in self.latency.median_ms}
         paths.update({b: Path(b) for plan in binding.candidates for b in plan.block_ids})
-        return replace(binding, block_paths=paths, output_name=None, inputs=None)
+        return replace(binding, block_paths=paths, output_name=None, inputs=None, outputs=None)
 
     # -- what control_events drives ---------------------------------------------------------
     @property

@@ -42,6 +42,8 @@ class TaskBinding:
     output_name: str | None = None
     #: input name -> (dtype, shape), from the family manifest; None: names and arrays only
     inputs: Mapping[str, InputSpec] | None = None
+    #: output name -> (dtype, shape) of what a request resolves to; None: not checked
+    outputs: Mapping[str, InputSpec] | None = None
 
     def check_inputs(self, inputs: object) -> dict[str, np.ndarray]:
         """``inputs`` as a dict, or ``InputError`` naming the task and the input: a mapping of
@@ -64,6 +66,24 @@ class TaskBinding:
         for name, (dtype, shape) in self.inputs.items():
             _check_array(f"{where}: input {name!r}", inputs[name], dtype, shape)
         return dict(inputs)
+
+    def check_outputs(self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]) -> str | None:
+        """Why the outputs a request is about to resolve to are not what the task gives (None: they are):
+        a named output missing, or of another dtype, rank or fixed size, or another batch than the inputs'."""
+        if self.outputs is None:
+            return None
+        batch = {v.shape[0] for n, v in inputs.items() if v.ndim and n in (self.inputs or {})}
+        for name, (dtype, shape) in self.outputs.items():
+            if name not in outputs:
+                continue  # a missing output is reported by the delivery itself
+            value = np.asarray(outputs[name])
+            try:
+                _check_array(f"output {name!r}", value, dtype, shape)
+            except InputError as exc:
+                return str(exc)
+            if shape and not isinstance(shape[0], int) and value.ndim and len(batch) == 1 and value.shape[0] not in batch:
+                return f"output {name!r}: batch {value.shape[0]} (shape {value.shape}) for inputs of batch {batch.pop()}"
+        return None
 
     def check(self, processors: Sequence[str], paths: Mapping[str, Path]) -> None:
         """``ConfigError`` unless its SLO is sane and every candidate is for this task, on

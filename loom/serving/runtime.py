@@ -431,6 +431,13 @@ class Runtime:
                 f"block {req.plan.block_ids[-1]} gives {names}"
             ))
             return
+        wrong = req.binding.check_outputs(outputs, env)
+        if wrong is not None:  # never resolve a request to what the model cannot have produced
+            self._end(req, error=BackendError(
+                f"request {req.id} of task {req.binding.task!r}: block {req.plan.block_ids[-1]} on processor "
+                f"{req.plan.placement[-1]!r} returned a wrong result: {wrong}"
+            ))
+            return
         self._end(req, result=result)
 
     def _end(self, req: Request, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -518,8 +518,9 @@ class Scheduler:
                 j = ok[_least_cost([candidates[j] for j in ok], floor)]
                 c = self._price(j, candidates[j], now_s, free, view, {})
         if math.isinf(c.finish_s):
-            return Decision(None, math.inf, False, "every plan needs an unhealthy processor (a call stuck past "
-                                                   "its bound): shed", shed=True), key
+            stuck = sorted(p for p, t in free.items() if math.isinf(t))
+            return Decision(None, math.inf, False, f"every plan needs an unhealthy processor {stuck} (a call stuck "
+                                                   "past its bound): shed", shed=True), key
         if c.finish_s > deadline_s + self.late_bound_factor * (deadline_s - now_s):
             late_ms = (c.finish_s - deadline_s) * 1e3
             return Decision(None, math.inf, False, f"overload: predicted {late_ms:.1f} ms late: shed", shed=True), key
