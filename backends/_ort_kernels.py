@@ -18,6 +18,9 @@ from loom.core.errors import BackendError, ModelError, UnsupportedOpsError
 #: onnxruntime reports a kernel missing for a type as "Could not find an implementation
 #: for ConvInteger(10) node with name '...'": the one unsupported-op case only a load finds.
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\S+?)\((\d+)\)")
+#: onnxruntime >= 1.2x says it as "Failed to find kernel for Cast(28) (node:'' ep:'CPU...')"
+#: when no kernel takes the node's types (a FLOAT4E2M1 Cast, a float16 Swish)
+_NO_KERNEL_FOR = re.compile(r"Failed to find kernel for (\S+?)\((\d+)\)")
 
 
 def _norm(domain: str) -> str:
@@ -107,9 +110,9 @@ def unsupported_ops(model: onnx.ModelProto, providers: frozenset[str]) -> list[s
 def load_error(backend: str, name: str, exc: Exception) -> Exception:
     """Sort an onnxruntime load failure: a missing kernel, a bad model, or the engine."""
     message = str(exc)
-    found = _NO_KERNEL.findall(message)
+    found = _NO_KERNEL.findall(message) + _NO_KERNEL_FOR.findall(message)
     if found:
-        return UnsupportedOpsError(backend, name, [op for op, _ in found])
+        return UnsupportedOpsError(backend, name, sorted({op for op, _ in found}))
     kind = type(exc).__name__
     if kind in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "Fail", "NotImplemented"):
         return ModelError(f"{name}: onnxruntime cannot load it: {message}")

@@ -216,6 +216,61 @@ def output_dtypes(proto: onnx.ModelProto) -> dict[str, np.dtype]:
     return result
 
 
+#: numpy-less types engines hand back packed, two values a byte (low nibble first)
+_PACKED_4BIT = ("int4", "uint4", "float4_e2m1fn")
+
+
+def as_declared(arr: Any, want: np.dtype, shape: Iterable[int] | None = None) -> np.ndarray:
+    """An engine's output array as the graph's declared dtype ``want``.
+
+    numpy types convert by value. Types numpy lacks (``ml_dtypes``' bfloat16, float8,
+    float4, int4) come back from engines in a container: the same bits in a type of the
+    same width (OpenVINO: bf16 in float16, float8 in uint8), read by bit pattern here,
+    or 4-bit values packed two a byte, unpacked to ``shape`` (the declared shape). An
+    output that cannot be read back exactly raises ``BackendError`` rather than
+    returning wrong values.
+    """
+    arr = np.asarray(arr)
+    want = np.dtype(want)
+    if arr.dtype == want:
+        return arr
+    if not _numpy_lacks(want) or _numpy_lacks(arr.dtype):  # numpy's own types: by value
+        return arr.astype(want)
+    if want.name in _PACKED_4BIT and arr.dtype.itemsize == 1:
+        return _unpack_4bit(arr, want, shape)
+    if arr.dtype.itemsize == want.itemsize and arr.dtype.kind in "iuf":
+        return arr.view(want)  # the engine's bit container
+    if arr.dtype.kind == "f" and want.name not in _PACKED_4BIT:
+        return arr.astype(want)  # a wider float holding the values themselves
+    raise BackendError(f"an output declared {want.name} came back as {arr.dtype}: cannot read it exactly")
+
+
+def _numpy_lacks(dtype: np.dtype) -> bool:
+    """A type numpy has only through an extension (ml_dtypes: kind "V", or "f" for float8_e5m2)."""
+    return dtype.isbuiltin == 2
+
+
+def _unpack_4bit(arr: np.ndarray, want: np.dtype, shape: Iterable[int] | None) -> np.ndarray:
+    dims = None if shape is None else [int(d) for d in shape]
+    count = None if dims is None else int(np.prod(dims, dtype=np.int64))
+    if count is None or arr.size not in (count, (count + 1) // 2):
+        raise BackendError(
+            f"an output declared {want.name} came back as {arr.dtype}{list(arr.shape)}: its "
+            f"shape is unknown, so it cannot be unpacked"
+        )
+    flat = arr.reshape(-1).view(np.uint8)
+    if arr.size == count and count > 1:  # one value a byte already
+        nibbles = flat & 0x0F
+    else:
+        nibbles = np.stack([flat & 0x0F, flat >> 4], axis=-1).reshape(-1)[:count]
+    if want.name == "float4_e2m1fn":
+        return nibbles.view(want).reshape(dims)
+    values = nibbles.astype(np.int8)
+    if want.name == "int4":
+        values = np.where(values > 7, values - 16, values).astype(np.int8)
+    return values.astype(want).reshape(dims)
+
+
 def select_feeds(block: LoadedBlock, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feeds this block reads (a stitched pipeline may pass more); ``BackendError`` if any is missing."""
     missing = [n for n in block.input_names if n not in feeds]

@@ -24,6 +24,7 @@ from backends.base import (
     Backend,
     LoadedBlock,
     ModelSource,
+    as_declared,
     check_cores,
     check_resident,
     graph_inputs,
@@ -79,6 +80,8 @@ class _Compiled:
 
     compiled: Any
     request: Any
+    #: ONNX input name -> compiled model input port (inputs the engine dropped have none)
+    inputs: dict[str, Any]
     outputs: dict[str, Any]  # ONNX output name -> compiled model output port
     dtypes: dict[str, np.dtype]
     lock: threading.Lock
@@ -152,9 +155,12 @@ class OpenVinoBackend(Backend):
         src = model if isinstance(model, ModelSource) else read_source(model)
         try:
             ov_model = self._read(src)
+            return self._device_unsupported(ov_model, src.proto)
         except UnsupportedOpsError as exc:
             return exc.ops
-        return self._device_unsupported(ov_model, src.proto)
+        except (ModelError, BackendError) as exc:
+            # the whole model is refused, by no op in particular: one entry saying why
+            return [f"<whole model> ({_first_reason(exc)})"]
 
     def load(
         self, model: onnx.ModelProto | str | Path | bytes, *, block_id: str | None = None
@@ -180,10 +186,10 @@ class OpenVinoBackend(Backend):
             raise BackendError(f"{src.name}: openvino cannot compile it for {self.device}: {exc}") from exc
         del ov_model
         inputs = graph_inputs(src.proto)
-        outputs = _output_ports(compiled, src)
+        in_ports, outputs = _ports(compiled, src)
         seconds = time.perf_counter() - t0
         memory = max(0, rss_bytes() - before)
-        handle = _Compiled(compiled, request, outputs, output_dtypes(src.proto), threading.Lock())
+        handle = _Compiled(compiled, request, in_ports, outputs, output_dtypes(src.proto), threading.Lock())
         return LoadedBlock(
             block_id=src.name,
             backend=self.name,
@@ -206,20 +212,22 @@ class OpenVinoBackend(Backend):
     def run(self, block: LoadedBlock, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         handle: _Compiled = check_resident(block)
         inputs = select_feeds(block, feeds)
+        # by port: the engine may have renamed a pass-through input or dropped an unused one
+        ports = {port: inputs[name] for name, port in handle.inputs.items()}
         with handle.lock:
             try:
                 # share_outputs=False: the arrays are copies, not views of the request's
                 # buffers, which the next infer overwrites
-                result = handle.request.infer(inputs, share_outputs=False)
+                result = handle.request.infer(ports, share_outputs=False)
+                out: dict[str, np.ndarray] = {}
+                for name, port in handle.outputs.items():
+                    # bf16/float8/4-bit outputs come back in bit containers: read by bits
+                    shape = handle.request.get_tensor(port).shape
+                    out[name] = as_declared(result[port], handle.dtypes[name], shape)
             except Exception as exc:
                 raise BackendError(
                     f"block {block.block_id} on {self.name} ({self.device}) failed: {type(exc).__name__}: {exc}"
                 ) from exc
-            out: dict[str, np.ndarray] = {}
-            for name, port in handle.outputs.items():
-                arr = np.asarray(result[port])
-                want = handle.dtypes[name]
-                out[name] = arr if arr.dtype == want else arr.astype(want)
         return out
 
     def release(self, block: LoadedBlock) -> None:
@@ -276,7 +284,7 @@ class OpenVinoBackend(Backend):
                 return core.read_model(src.data)
             return core.read_model(model=src.data, weights=b"")
         except Exception as exc:
-            bad = _unconverted_ops(src)
+            bad = _unconverted_ops(src) or _reported_ops(str(exc), src.proto)
             if bad:
                 raise UnsupportedOpsError(self.name, src.name, bad) from exc
             raise ModelError(f"{src.name}: openvino cannot read it: {exc}") from exc
@@ -311,22 +319,82 @@ def _device_present(device: str, available: list[str]) -> bool:
     return device in available or any(d.split(".")[0] == device for d in available)
 
 
-def _output_ports(compiled: Any, src: ModelSource) -> dict[str, Any]:
-    """ONNX output name -> compiled model output port, once every graph input and output
-    is known to have kept its name (names are how blocks connect)."""
-    outputs: dict[str, Any] = {}
-    try:
-        for name in graph_inputs(src.proto):
-            compiled.input(name)
-        for out in src.proto.graph.output:
-            # by tensor name, not position or get_any_name(): a tensor may carry
-            # several names, and OpenVINO may reorder results
-            outputs[out.name] = compiled.output(out.name)
-    except Exception as exc:
+def _ports(compiled: Any, src: ModelSource) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ONNX input name -> input port, ONNX output name -> output port) of a compiled model.
+
+    By tensor name first (not position or ``get_any_name()``: a tensor may carry several
+    names, and OpenVINO may reorder results). OpenVINO renames a pass-through input after
+    the output it flows to (``Dropout``, ``Identity``: the input ``x`` becomes ``y``) and
+    drops inputs nothing reads (``CastLike``'s type source, ``Reduce*``'s empty ``axes``):
+    the inputs left unmatched then take the unmatched ports in order, where their element
+    types agree, and an input with no port is not fed. Outputs left unmatched take the
+    results by position when every result is accounted for.
+    """
+    names = graph_inputs(src.proto)
+    ports = list(compiled.inputs)  # (a port's get_index() is its node's output index: 0)
+    matched = {n: i for n in names for i, p in enumerate(ports) if n in p.get_names()}
+    free = [i for i in range(len(ports)) if i not in matched.values()]
+    types = {i.name: i.type.tensor_type.elem_type for i in src.proto.graph.input}
+    for name in (n for n in names if n not in matched):
+        if free and _same_type(ports[free[0]], types.get(name)):
+            matched[name] = free.pop(0)
+    inputs = {n: ports[i] for n, i in matched.items()}
+    free = [ports[i] for i in free]
+    if free:
         raise BackendError(
-            f"{src.name}: openvino renamed a graph input or output ({exc}); names are how blocks connect"
-        ) from exc
-    return outputs
+            f"{src.name}: openvino kept input port(s) {[sorted(p.get_names()) for p in free]} that "
+            f"match no graph input of {names}; names are how blocks connect"
+        )
+    outputs: dict[str, Any] = {}
+    results = list(compiled.outputs)
+    for i, out in enumerate(src.proto.graph.output):
+        match = [p for p in results if out.name in p.get_names()]
+        if match:
+            outputs[out.name] = match[0]
+        elif len(results) == len(src.proto.graph.output):
+            outputs[out.name] = results[i]
+        else:
+            raise BackendError(
+                f"{src.name}: openvino has no result for graph output {out.name!r} (results: "
+                f"{[sorted(p.get_names()) for p in results]}); names are how blocks connect"
+            )
+    return inputs, outputs
+
+
+def _same_type(port: Any, elem_type: int | None) -> bool:
+    """Whether a port's element type is the ONNX type ``elem_type`` (True when unknown)."""
+    try:
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type or 0))
+        return np.dtype(port.get_element_type().to_dtype()) == want
+    except Exception:
+        return True
+
+
+def _reported_ops(message: str, proto: onnx.ModelProto) -> list[str]:
+    """ONNX ops named in OpenVINO's "No conversion rule found for operations: util::X, ..."
+    (sequence ops, which the partial conversion does not leave as framework nodes)."""
+    m = re.search(r"No conversion rule found for operations: ([^\n]+)", message)
+    if m is None:
+        return []
+    named = {part.strip().split("::")[-1] for part in m.group(1).split(",")}
+    present = {(n.domain, n.op_type) for n in _all_nodes(proto.graph)}
+    return sorted(op_label(d, t) for d, t in present if t in named)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = list(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                nodes.extend(_all_nodes(g))
+    return nodes
+
+
+def _first_reason(exc: Exception) -> str:
+    """The line of an OpenVINO error that says what is wrong (not where it was raised)."""
+    lines = [ln.strip() for ln in str(exc.__cause__ or exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '", "FrontEnd API"))]
+    return (useful[0] if useful else lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _onnx_labels(proto: onnx.ModelProto) -> dict[str, str]:

@@ -49,6 +49,7 @@ from backends.base import (
     Backend,
     LoadedBlock,
     ModelSource,
+    as_declared,
     check_cores,
     check_resident,
     graph_inputs,
@@ -282,14 +283,14 @@ class TvmBackend(Backend):
         self._configure_thread()
         with handle.lock:
             try:
-                args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), handle.device) for n in handle.inputs]
+                args = [tvm.runtime.tensor(_contiguous(inputs[n]), handle.device) for n in handle.inputs]
                 result = handle.vm["main"](*args)
                 values = _flatten(result)
                 out: dict[str, np.ndarray] = {}
                 for name, value in zip(handle.outputs, values, strict=True):
-                    arr = value.numpy()  # a copy: the VM reuses its buffers on the next call
-                    want = handle.dtypes[name]
-                    out[name] = arr if arr.dtype == want else arr.astype(want)
+                    # a copy (the VM reuses its buffers on the next call), read at the
+                    # declared dtype: by value, or by bits for types numpy lacks
+                    out[name] = as_declared(_numpy(value), handle.dtypes[name])
             except Exception as exc:
                 hint = ""
                 if self.batch_size is not None:
@@ -476,10 +477,27 @@ class TvmBackend(Backend):
         return path
 
 
+def _contiguous(value: Any) -> np.ndarray:
+    """A C-contiguous array of the same shape (``np.ascontiguousarray`` makes 0-d arrays 1-d)."""
+    array = np.asarray(value)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A VM result as numpy: a tensor, or a shape (``R.Shape``, what ``Shape`` and ``Size``
+    can return when the frontend computes them at compile time), or a scalar."""
+    if hasattr(value, "numpy"):
+        return value.numpy()
+    try:
+        return np.array([int(d) for d in value], dtype=np.int64)
+    except TypeError:
+        return np.asarray(value)
+
+
 def _flatten(result: Any) -> list[Any]:
     """The VM returns one tensor, or a tuple (an ``ffi.Array``) of them, possibly nested."""
-    if hasattr(result, "numpy"):
-        return [result]
+    if hasattr(result, "numpy") or type(result).__name__ in ("Shape", "ShapeTuple"):
+        return [result]  # a tensor, or a shape (``R.Shape``: a tuple of ints)
     values: list[Any] = []
     for item in result:
         values.extend(_flatten(item))
