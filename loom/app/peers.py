@@ -24,12 +24,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from loom.app.arrivals import make_trace
 from loom.app.deployment import Deployment
-from loom.app.run import RunResult, _errors, _on_trace_clock, _replay
+from loom.app.run import RunResult, replay, trace_of
 from loom.core import compat
 from loom.core.errors import ConfigError, RuntimeClosedError
-from loom.serving.metrics import MetricsCollector, RequestRecord, RssSampler, slo_status, summarize
+from loom.serving.metrics import MetricsCollector, RequestRecord, slo_status
 
 PEERS: tuple[str, ...] = ("ort-plain", "openvino-throughput")
 
@@ -298,24 +297,13 @@ def run_peer(dep: Deployment, name: str, *, duration_s: float | None = None, rat
              progress: bool = True) -> RunResult:
     """``run_trace`` for a peer: the config's seeded trace, open loop, the same replay and records."""
     cfg = dep.config
-    duration = cfg.run.duration_s if duration_s is None else duration_s
-    n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
-    trace = make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
+    duration, trace = trace_of(dep, duration_s, rate_scale)
     collector = MetricsCollector()
     server = peer_server(dep, name, on_record=collector.record)
     timeline = sorted(((ch.at_s, _slo_change(server, cfg, t.name, ch.at_s)) for t in cfg.tasks
                        for ch in t.slo_changes), key=lambda e: e[0])
-    start = time.perf_counter()
-    offset = server.now()
-    with RssSampler() as rss:
-        futures = _replay(dep, server, trace, timeline, start=start, duration_s=duration,  # type: ignore[arg-type]
-                          label=f"serve {server.name}" if progress else None)
-        server.close()
-        errors = _errors(futures)
-    wall = time.perf_counter() - start
-    records = _on_trace_clock(sorted(collector.records, key=lambda r: r.id), offset)
-    summary = summarize(records, duration, warmup_s=min(cfg.run.warmup_s, duration / 2))
-    return RunResult(server.name, records, summary, rss.peak_mb, list(rss.series), wall, errors)
+    return replay(dep, server, trace, timeline, name=server.name, start=time.perf_counter(), duration_s=duration,
+                  collector=collector, progress=progress)
 
 
 def _slo_change(server: PeerServer, cfg: Any, task: str, at_s: float) -> Callable[[], None]:

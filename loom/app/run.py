@@ -54,27 +54,40 @@ def run_trace(
     ``rate_scale`` thins or thickens the trace (same seed, same order of tasks);
     ``events``: extra actions at given seconds (a competing process starting, ...).
     """
-    cfg = dep.config
-    duration = cfg.run.duration_s if duration_s is None else duration_s
-    n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
-    trace = make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
+    duration, trace = trace_of(dep, duration_s, rate_scale)
     collector = MetricsCollector()
     policy = get_policy(policy_name)
     rt = dep.runtime(policy_name, correction=correction, on_record=collector.record)
     changes = control_events(dep, policy.name, rt, duration_s=duration, correction=correction, replan_s=replan_s,
                              clock=lambda: time.perf_counter() - start)
     timeline = sorted([*changes, *events], key=lambda e: e[0])
-    start = time.perf_counter()
-    rt_offset = rt.now()  # the runtime's clock started when it was built (after preloading)
+    start = time.perf_counter()  # the trace's time 0; the control events read their clock from it
+    return replay(dep, rt, trace, timeline, name=policy.name, start=start, duration_s=duration,
+                  collector=collector, progress=progress)
+
+
+def trace_of(dep: Deployment, duration_s: float | None, rate_scale: float) -> tuple[float, list[TraceItem]]:
+    """The run's duration and the config's seeded trace for it (the same for every policy and peer)."""
+    cfg = dep.config
+    duration = cfg.run.duration_s if duration_s is None else duration_s
+    n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
+    return duration, make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
+
+
+def replay(dep: Deployment, server: Any, trace: Sequence[TraceItem], timeline: Timeline, *, name: str,
+           start: float, duration_s: float, collector: MetricsCollector, progress: bool) -> RunResult:
+    """Replay ``trace`` and ``timeline`` on ``server`` (a ``Runtime`` or a peer) from ``start``, close it,
+    and summarize what ``collector`` recorded, on the trace's clock."""
+    offset = server.now()  # the server's clock started when it was built (after preloading)
     with RssSampler() as rss:
-        futures = _replay(dep, rt, trace, timeline, start=start, duration_s=duration,
-                          label=f"serve {policy.name}" if progress else None)
-        rt.close()
+        futures = _replay(dep, server, trace, timeline, start=start, duration_s=duration_s,
+                          label=f"serve {name}" if progress else None)
+        server.close()
         errors = _errors(futures)
     wall = time.perf_counter() - start
-    records = _on_trace_clock(sorted(collector.records, key=lambda r: r.id), rt_offset)
-    summary = summarize(records, duration, warmup_s=min(cfg.run.warmup_s, duration / 2))
-    return RunResult(policy.name, records, summary, rss.peak_mb, list(rss.series), wall, errors)
+    records = _on_trace_clock(sorted(collector.records, key=lambda r: r.id), offset)
+    summary = summarize(records, duration_s, warmup_s=min(dep.config.run.warmup_s, duration_s / 2))
+    return RunResult(name, records, summary, rss.peak_mb, list(rss.series), wall, errors)
 
 
 def _replay(dep: Deployment, rt: Runtime, trace: Sequence[TraceItem], timeline: Timeline, *, start: float,

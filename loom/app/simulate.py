@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.app.arrivals import TraceItem, make_trace
+from loom.app.arrivals import TraceItem
 from loom.app.control import control_events
 from loom.app.deployment import Deployment
+from loom.app.run import trace_of
 from loom.app.sim_latency import LatencyModel
 from loom.app.sim_overhead import HostOverhead
 from loom.app.sim_runtime import SimRuntime, Slowdown
@@ -62,11 +63,10 @@ def simulate(
     ``seed`` seeds the latency draws (default: the config's run seed).
     """
     cfg = dep.config
-    duration = cfg.run.duration_s if duration_s is None else duration_s
     if trace is None:
-        # the samples drawn do not matter here, but their count keeps the trace run_trace's
-        n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
-        trace = make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
+        duration, trace = trace_of(dep, duration_s, rate_scale)  # the trace run_trace replays
+    else:
+        duration = cfg.run.duration_s if duration_s is None else duration_s
     policy = get_policy(policy_name)
     bindings = dep.bindings(policy.name)
     mix = dep.mixes({b.task: b.candidates for b in bindings}) if policy.adaptive else {}
