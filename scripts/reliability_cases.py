@@ -46,6 +46,7 @@ from loom.model.partition import PARTITION_FILE, load_partition
 from loom.model.variants import init_family
 from loom.profiling.dataset import ProfileDataError, load_profile_dataset
 from loom.profiling.fitting import Estimates, EstimatesError
+from loom.profiling.partitions import ensure_partitions
 from loom.serving.runtime import Runtime, TaskBinding
 from placement.plan import Plan
 
@@ -441,6 +442,8 @@ def tampered_block(missing: bool) -> Callable[[Path], Any]:
 def _partition_cases() -> None:
     cat, pf = "artifacts", PARTITION_FILE
     src = PARTITIONS / "signal-cls"
+    # the partition serving makes on a first run (a fresh clone has none yet): a few seconds
+    ensure_partitions([load_family(ROOT / "zoo" / "signal-cls")], PARTITIONS, k=3)
     case("partition_valid", cat, artifact(src, (pf,), pf, lambda d: None, load_partition))
     for how in ("binary", "truncated", "empty", "list"):
         case(f"partition_{how}", cat, artifact(src, (pf,), pf, how, load_partition), ManifestError, pf)
