@@ -172,3 +172,26 @@ def test_blocks_are_served_from_the_store_and_a_tampered_one_is_refused(setup, s
         dep.runtime("av-np")
     # the id is the sha256 of the bytes the partition wrote
     assert victim in synth_partition.blocks
+
+
+def test_estimates_from_another_machine_are_said_loudly(setup, synth_family, synth_partition, capsys):
+    import json
+
+    root, dev_path, _est = setup
+    dep = Deployment.from_config(write_config(root, dev_path, synth_family, synth_partition))
+    assert dep.machine_mismatch == []  # measured here, by the setup
+    meta_path = dep.dataset_dir() / "meta.json"
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    meta["fingerprint"]["cpu_model"] = "Some Other CPU"
+    meta["fingerprint"]["cpu_features"] = ["avx2"]
+    try:
+        meta_path.write_text(json.dumps(meta))
+        capsys.readouterr()
+        dep = Deployment.from_config(write_config(root, dev_path, synth_family, synth_partition))
+    finally:
+        meta_path.write_text(original)
+    assert any(p.startswith("cpu_model") and "Some Other CPU" in p for p in dep.machine_mismatch)
+    assert any(p.startswith("cpu_features") for p in dep.machine_mismatch)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "another machine" in err and "loom profile --device" in err

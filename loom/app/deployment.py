@@ -24,7 +24,8 @@ from loom.model.blockstore import BlockStore
 from loom.model.family import Family, load_family
 from loom.model.partition import Partition
 from loom.processors.device import DeviceProfile, load_device_profile
-from loom.profiling.dataset import load_profile_dataset
+from loom.profiling.dataset import META_JSON, load_profile_dataset, read_meta
+from loom.profiling.fingerprint import machine_mismatch
 from loom.profiling.fitting import Estimates, dataset_digest, fit_estimates, partition_features
 from loom.profiling.partitions import ensure_partitions
 from loom.serving.correction import LatencyCorrector
@@ -101,6 +102,8 @@ class Deployment:
     spaces: dict[str, TaskSpace]
     #: every task's blocks, once each, checked against their sha256 on first load
     store: BlockStore | None = None
+    #: how the machine the estimates' dataset was measured on differs from this one (said loudly)
+    machine_mismatch: list[str] = field(default_factory=list)
     _inputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _block_bytes: dict[tuple[str, str], int] | None = field(default=None, repr=False)
 
@@ -117,7 +120,9 @@ class Deployment:
         est = load_or_fit_estimates(cfg, device, parts, refit=refit)
         spaces = {p.task: task_space(est, p.task) for p in parts}
         store = _shared_store(cfg, parts)
-        return cls(cfg, device, est, {p.task: p for p in parts}, families, spaces, store)
+        dep = cls(cfg, device, est, {p.task: p for p in parts}, families, spaces, store)
+        dep.machine_mismatch = _machine_check(dep)
+        return dep
 
     # -- plans -------------------------------------------------------------------------------
     def rates(self) -> dict[str, float]:
@@ -249,3 +254,19 @@ def _shared_store(cfg: SloConfig, parts: list[Partition]) -> BlockStore:
         if store.tasks.get(part.task, {}).get("variants") != part.variants:
             store.add_partition(part)
     return store
+
+
+def _machine_check(dep: Deployment) -> list[str]:
+    """Say loudly when the estimates rank plans by another machine's measurements, and how to fix it."""
+    meta_path = dep.dataset_dir() / META_JSON
+    if not meta_path.is_file():
+        return []
+    recorded = read_meta(meta_path).get("fingerprint") or {}
+    problems = machine_mismatch(recorded, dep.device)
+    if problems:
+        say(f"WARNING: the estimates for {dep.device.name} come from {dep.dataset_dir()}, measured on another "
+            f"machine, or one not recorded well enough to tell: plans are ranked by its latencies.\n  "
+            + "\n  ".join(problems)
+            + f"\n  Fix: loom profile --device {dep.device.name} (re-measures the blocks here: minutes), then serve "
+              "again (the estimators refit on the new dataset).")
+    return problems

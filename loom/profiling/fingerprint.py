@@ -30,6 +30,25 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: instruction-set features that change which kernels the engines run (int8 and bf16 above all):
+#: two CPUs can share a model name ("AMD EPYC") and differ here, and 3x per core
+ISA_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "asimd",
+                "asimddp", "sve")
+
+
+def _cpu_features() -> list[str]:
+    """The ``ISA_FEATURES`` this CPU has (from /proc/cpuinfo's flags; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                have = set(value.split())
+                return [f for f in ISA_FEATURES if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _governor() -> str:
     """The frequency governor (``performance``, ``schedutil``...): it moves latencies a lot."""
     found: dict[str, str] = {}
@@ -59,6 +78,7 @@ def hardware_fingerprint(device: DeviceProfile) -> dict[str, Any]:
     """
     return {
         "cpu_model": _cpu_model(),
+        "cpu_features": _cpu_features(),
         "logical_cores": os.cpu_count() or 0,
         "governor": _governor(),
         "kernel": platform.release(),
@@ -102,3 +122,24 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
+
+
+#: what must match for one machine's block latencies to rank plans on another
+MACHINE_KEYS = ("cpu_model", "cpu_features", "logical_cores", "machine", "packages.onnxruntime", "packages.openvino")
+
+
+def machine_mismatch(recorded: dict[str, Any], device: DeviceProfile) -> list[str]:
+    """How the machine a dataset was measured on differs from this one, in what moves latencies.
+
+    A field the dataset did not record (older datasets have no ``cpu_features``) is named
+    too: the match cannot be confirmed. Empty: the same kind of machine.
+    """
+    a, b = _flatten(recorded), _flatten(hardware_fingerprint(device))
+    out = []
+    for k in MACHINE_KEYS:
+        mine = b.get(k)
+        if k not in a:
+            out.append(f"{k}: not recorded in the dataset (here: {json.dumps(mine)})")
+        elif (sorted(a[k]) if k == "cpu_features" else a[k]) != (sorted(mine) if k == "cpu_features" else mine):
+            out.append(f"{k}: {json.dumps(a[k])} (dataset) vs {json.dumps(mine)} (here)")
+    return out
