@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import onnx
 
-from backends.base import op_label
+from backends.base import op_label, subgraphs
 from loom.core.errors import BackendError, ModelError, UnsupportedOpsError
 
 #: onnxruntime reports a kernel missing for a type as "Could not find an implementation
@@ -97,11 +97,8 @@ def unsupported_ops(model: onnx.ModelProto, providers: frozenset[str]) -> list[s
                     visit(local[key].node)
             elif not _supported(key, opsets.get(key[0]), kernels):
                 bad.add(op_label(*key))
-            for attr in node.attribute:  # If/Loop/Scan bodies
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g.node)
-                for g in attr.graphs:
-                    visit(g.node)
+            for g in subgraphs(node):  # If/Loop/Scan bodies
+                visit(g.node)
 
     visit(model.graph.node)
     return sorted(bad)

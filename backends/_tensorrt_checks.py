@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from backends.base import subgraphs
 from loom.core.errors import ModelError
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -134,11 +135,8 @@ def onnx_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
                     visit(local[key].node)
                 continue
             out.append(node)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g.node)
-                for g in attr.graphs:
-                    visit(g.node)
+            for g in subgraphs(node):
+                visit(g.node)
 
     visit(proto.graph.node)
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from backends.base import ModelSource, op_label
+from backends.base import ModelSource, op_label, subgraphs
 from loom.core import compat
 from loom.core.errors import MissingDependencyError
 
@@ -191,9 +191,8 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node, those of subgraphs (If, Loop, Scan bodies) included."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _nodes(sub)
+        for sub in subgraphs(node):
+            yield from _nodes(sub)
 
 
 def _domain(domain: str) -> str:

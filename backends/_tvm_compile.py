@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from backends._tvm_targets import MS_FILES, tvm_module
-from backends.base import ModelSource, op_label
+from backends.base import ModelSource, op_label, subgraphs
 from loom.core.errors import BackendError, ModelError
 
 #: ops the frontend handles outside its converter table (``If`` in ``_construct_nodes``)
@@ -268,11 +268,8 @@ def unsupported(proto: onnx.ModelProto) -> list[str]:
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
             if domain not in _DOMAINS or node.op_type not in known:
                 bad.add(op_label(domain, node.op_type))
-            for attr in node.attribute:  # If/Loop/Scan bodies
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g.node)
-                for g in attr.graphs:
-                    visit(g.node)
+            for g in subgraphs(node):  # If/Loop/Scan bodies
+                visit(g.node)
 
     visit(proto.graph.node)
     return sorted(bad)

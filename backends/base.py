@@ -144,6 +144,14 @@ def warm_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node carries in its attributes (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        out.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+    return out
+
+
 def op_label(domain: str, op_type: str) -> str:
     """One spelling of an op across backends: ``Conv``, ``com.microsoft.QGemm``.
 

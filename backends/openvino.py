@@ -34,6 +34,7 @@ from backends.base import (
     read_source,
     rss_bytes,
     select_feeds,
+    subgraphs,
     warm_model,
 )
 from loom.core import compat
@@ -384,9 +385,8 @@ def _reported_ops(message: str, proto: onnx.ModelProto) -> list[str]:
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     nodes = list(graph.node)
     for node in graph.node:
-        for attr in node.attribute:
-            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                nodes.extend(_all_nodes(g))
+        for g in subgraphs(node):
+            nodes.extend(_all_nodes(g))
     return nodes
 
 
