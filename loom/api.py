@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from loom.app.simulate import SimResult, simulate
     from loom.core.errors import ConfigError, LoomError
     from loom.core.onnxutil import save_model
-    from loom.core.paths import default_zoo, zoo_tasks
+    from loom.core.paths import default_zoo, resolve_zoo, zoo_name, zoo_tasks
     from loom.core.progress import say
     from loom.model.align import AlignmentReport, CutTolerance, align, choose_cuts
     from loom.model.cutting import partition_family
@@ -59,7 +59,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # errors, progress, paths, files
     "loom.core.errors": ("LoomError", "ConfigError"),
     "loom.core.progress": ("say",),
-    "loom.core.paths": ("default_zoo", "zoo_tasks"),
+    "loom.core.paths": ("default_zoo", "resolve_zoo", "zoo_name", "zoo_tasks"),
     "loom.core.onnxutil": ("save_model",),
     # engines and devices
     "backends": ("available_backends", "get_backend"),

@@ -104,7 +104,8 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    api.run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, repeats=a.repeats, seed=a.seed)
+    api.run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, sample=a.sample, repeats=a.repeats,
+                 seed=a.seed)
     return 0
 
 
@@ -112,7 +113,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def _families(a: argparse.Namespace) -> list[api.Family]:
     if getattr(a, "family", None):
         return [api.load_family(f) for f in a.family]
-    zoo = Path(a.zoo) if getattr(a, "zoo", None) else api.default_zoo()
+    zoo = api.resolve_zoo(getattr(a, "zoo", None))
     return [api.load_family(zoo / t) for t in api.zoo_tasks(zoo)]
 
 
@@ -356,12 +357,13 @@ def _bench_parser(sub: Commands) -> None:
 
 
 def _demo_parser(sub: Commands) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded zoo")
-    p.add_argument("--zoo")
+    p = sub.add_parser("demo", help="the main job on the edge zoo (--zoo embedded: the toy zoo)")
+    p.add_argument("--zoo", default="edge", help="edge (default), embedded, or a zoo folder")
     p.add_argument("--out", default="out/demo")
     p.add_argument("-k", "--k", type=int, default=3)
     p.add_argument("--tasks", nargs="*")
-    p.add_argument("--max-configs", type=int, default=512)
+    p.add_argument("--max-configs", type=int, default=512, help="measure every config up to this many")
+    p.add_argument("--sample", type=int, default=120, help="else a seeded sample of this many, originals included")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo)

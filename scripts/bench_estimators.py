@@ -23,6 +23,9 @@ On the host device profile (real processors: onnxruntime on core 0, OpenVINO on 
 latency (measured on the smallest family, extrapolated from the measured per-pair
 cost elsewhere: ``exhaustive_measured`` says which).
 
+``--zoo``: the edge zoo by default (``make zoo-edge``), ``embedded`` (the toy zoo) or a
+zoo folder; the JSON says which (``zoo``).
+
     python scripts/bench_estimators.py --out out/bench_estimators.json
 """
 
@@ -46,7 +49,8 @@ from estimators.accuracy import config_features  # noqa: E402
 from estimators.latency import LatencyEstimator  # noqa: E402
 from estimators.plans import LinkModel, latency_table, plan_latency  # noqa: E402
 from estimators.sampling import active_sample, random_sample, stratified_sample  # noqa: E402
-from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.core.errors import ManifestError  # noqa: E402
+from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
 from loom.core.progress import say  # noqa: E402
 from loom.model.family import load_family  # noqa: E402
 from loom.model.partition import Partition  # noqa: E402
@@ -159,11 +163,9 @@ def all_pairs(part: Partition, procs: list[str]) -> list[tuple[Config, tuple[str
 
 
 # -- the benchmark -------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, zoo: Path, tasks: list[str]) -> dict[str, Any]:
     device = load_device_profile(args.device)
     procs = device.processor_names
-    zoo = default_zoo()
-    tasks = args.tasks or zoo_tasks(zoo)
     families = [load_family(zoo / t) for t in tasks]
     partitions = ensure_partitions(families, args.partitions, k=args.k)
     work = Path(args.work)
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         })
         if not args.no_curve:
             curves += learning_curve(part, truth, compat, args.curve, args.seeds)
-    return {"tasks": results, "learning_curve": curves,
+    return {"zoo": zoo_name(zoo), "tasks": results, "learning_curve": curves,
             "settings": {"device": device.name, "k": args.k, "warmup": args.warmup, "repeats": args.repeats,
                          "calib_configs": args.calib_configs, "heldout": args.heldout, "seed": args.seed,
                          "machine": platform.processor() or platform.machine(), "exhaustive_task": smallest}}
@@ -304,10 +306,11 @@ def plot_curve(curves: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/bench_estimators.json")
     ap.add_argument("--device", default="host")
+    ap.add_argument("--zoo", default="edge", help="edge (default), embedded, or a zoo folder")
     ap.add_argument("--tasks", nargs="*")
     ap.add_argument("-k", "--k", type=int, default=3)
     ap.add_argument("--partitions", default="out/partitions")
@@ -324,8 +327,13 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    result = run(args)
+    args = ap.parse_args(argv)
+    try:
+        zoo = resolve_zoo(args.zoo)
+        tasks = args.tasks or zoo_tasks(zoo)
+    except (ManifestError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    result = run(args, zoo, tasks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

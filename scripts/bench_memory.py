@@ -34,7 +34,10 @@ only), three parts:
 Writes ``{"budget_sweep": [{"budget_frac", "policy", "slo_violation_rate",
 "peak_rss_mb", ...}], "switch": {"mean_speedup_vs_monolithic", "pairs", ...},
 "ordering": [{"policy", "deadline_hit_rate", ...}], "aims": {...}, ...}``, a table, and
-plots beside the JSON (violation rate against the budget; memory over time).
+plots beside the JSON (violation rate against the budget; memory over time). ``--zoo``: the
+zoo the config's tasks come from (the edge zoo by default; ``embedded`` for
+``configs/serve.yaml``), recorded as ``zoo``; the script stops with one line if the
+config's tasks are not in it or have no profile data.
 
     python scripts/bench_memory.py --out out/bench_memory.json
 """
@@ -57,6 +60,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_check import zoo_config  # noqa: E402
 
 from loom.core.progress import say  # noqa: E402
 
@@ -286,7 +292,6 @@ def aims(rows: Sequence[Mapping[str, Any]], switch: Mapping[str, Any] | None) ->
     return out
 
 
-# -- budget sweep ------------------------------------------------------------------------------
 def _all_resident_of(dep: Any) -> dict[str, Any]:
     from loom.profiling.dataset import load_profile_dataset
 
@@ -594,10 +599,11 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/serve.yaml")
     ap.add_argument("--out", default="out/bench_memory.json")
+    ap.add_argument("--zoo", default="edge", help="the zoo of the config's tasks: edge (default), embedded, or a folder")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per run of the budget sweep")
     ap.add_argument("--fracs", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.1, 0.15, 0.25, 0.4, 0.55, 0.7, 1.0], help="budgets as shares of the all-resident memory")
@@ -620,7 +626,7 @@ def main() -> int:
     ap.add_argument("--ordering-jobs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one sweep run, as a child process
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.cell:
         spec = json.loads(args.cell)
@@ -631,15 +637,16 @@ def main() -> int:
 
     from loom.app.deployment import Deployment
 
+    cfg, zoo = zoo_config(args.config, args.zoo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    dep = Deployment.from_config(args.config)
+    dep = Deployment.from_config(cfg)
     resident = _all_resident_of(dep)
     all_mb = resident["mb"]
     say(f"all-resident memory: {all_mb:.1f} MB over {resident['pairs']} (block, processor) pairs "
         f"({resident['measured_pairs']} measured)")
-    result: dict[str, Any] = {"all_resident": resident, "simulated": False}
+    result: dict[str, Any] = {"zoo": zoo, "all_resident": resident, "simulated": False}
 
     # switching first: its releases run gc.collect, whose cost grows with what the process holds
     switch = None

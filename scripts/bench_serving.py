@@ -30,7 +30,9 @@ with the tasks of ``configs/serve.yaml``, in one process, one policy after anoth
 Writes ``{"runs": [...], "goodput_bound_rps": {...}, "measured_bound_rps": {...}, "ratios": {...},
 "drift": {...}}``, a
 table, and plots (violations by policy per cell, goodput, the latency CDF of the 1x
-tight cell, the drift run's timeline).
+tight cell, the drift run's timeline). ``--zoo``: the zoo the config's tasks come from (the
+edge zoo by default; ``embedded`` for ``configs/serve.yaml``), recorded as ``zoo``; the
+script stops with one line if the config's tasks are not in it or have no profile data.
 
     python scripts/bench_serving.py --out out/bench_serving.json
 """
@@ -47,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_check import zoo_config  # noqa: E402
 
 from loom.app.config import POLICIES, SloConfig  # noqa: E402
 from loom.app.deployment import Deployment  # noqa: E402
@@ -136,10 +141,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/serve.yaml")
     ap.add_argument("--out", default="out/bench_serving.json")
+    ap.add_argument("--zoo", default="edge", help="the zoo of the config's tasks: edge (default), embedded, or a folder")
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 1.5])
     ap.add_argument("--tight", type=float, default=0.6, help="the tight SLO's bounds as a share of the config's")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per policy and cell")
@@ -152,11 +158,12 @@ def main() -> int:
     ap.add_argument("--drift-duration", type=float, default=18.0)
     ap.add_argument("--no-drift", action="store_true")
     ap.add_argument("--drift-load", type=float, default=0.5, help="the drift run's load, a multiple of the capacity")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cfg, zoo = zoo_config(args.config, args.zoo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    dep = Deployment.from_config(args.config)
+    dep = Deployment.from_config(cfg)
     base = dep.config
     mix = {t.name: dep.rates()[t.name] for t in base.tasks}
     fluid_capacity, who = static_capacity(dep, mix)
@@ -207,7 +214,7 @@ def main() -> int:
                                                     for p, r in cell.items()},
             }
     result: dict[str, Any] = {
-        "runs": runs, "goodput_bound_rps": bounds, "measured_bound_rps": measured, "ratios": ratios,
+        "zoo": zoo, "runs": runs, "goodput_bound_rps": bounds, "measured_bound_rps": measured, "ratios": ratios,
         "settings": {"config": args.config, "capacity_rps": capacity, "capacity_policy": who, "mix": mix,
                      "capacity_fluid_rps": fluid_capacity, "capacity_search": steps,
                      "loads": args.loads, "tight_scale": args.tight, "duration_s": args.duration, "seed": args.seed,

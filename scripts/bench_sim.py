@@ -15,7 +15,10 @@ is used to calibrate). ``simulated_*`` in the validation rows are the calibrated
 
 Writes ``{"validation": [{"policy", "load", "measured_violation", "simulated_violation",
 "measured_throughput", "simulated_throughput", ...}], "sim_requests_per_s", ...}``, a
-table, and a plot (measured against simulated violation rate per policy).
+table, and a plot (measured against simulated violation rate per policy). ``--zoo``: the zoo
+the config's tasks come from (the edge zoo by default; ``embedded`` for ``configs/serve.yaml``),
+recorded as ``zoo``; the script stops with one line if the config's tasks are not in it or
+have no profile data.
 
     python scripts/bench_sim.py --out out/bench_sim.json
 """
@@ -31,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_check import zoo_config  # noqa: E402
 
 from loom.app.config import POLICIES  # noqa: E402
 from loom.app.deployment import Deployment  # noqa: E402
@@ -73,10 +79,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/serve.yaml")
     ap.add_argument("--out", default="out/bench_sim.json")
+    ap.add_argument("--zoo", default="edge", help="the zoo of the config's tasks: edge (default), embedded, or a folder")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per real run")
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
                     help="multiples of the config's arrival rates")
@@ -84,11 +91,12 @@ def main() -> int:
     ap.add_argument("--sim-requests", type=int, default=100_000)
     ap.add_argument("--calibrate-policy", default="sv-lo-np")
     ap.add_argument("--calibrate-seed", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cfg, zoo = zoo_config(args.config, args.zoo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    dep = Deployment.from_config(args.config)
+    dep = Deployment.from_config(cfg)
     latency = LatencyModel.from_dataset(load_profile_dataset(dep.dataset_dir()))
     seed = dep.config.run.seed
     dep.config.run.seed = args.calibrate_seed
@@ -133,6 +141,7 @@ def main() -> int:
             f"({sim.requests_per_s:,.0f} requests/s)")
 
     result = {
+        "zoo": zoo,
         "validation": rows,
         "calibration": overhead.summary(),
         "sim_requests_per_s": speed["sparseloom"]["requests_per_s"],

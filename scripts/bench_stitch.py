@@ -11,7 +11,8 @@ process, batch 1, onnxruntime CPU with one thread:
 The three modes are timed in interleaved rounds (mono, chained, merged, mono, ...)
 so that drift on a shared machine hits them alike; each figure is the median over
 rounds of per-round medians. Writes ``{"rows": [{"task", "k", "variant", "mode",
-"overhead"}]}`` (overhead = latency ratio - 1) and prints a table.
+"overhead"}], "zoo"}`` (overhead = latency ratio - 1) and prints a table. ``--zoo``: the
+edge zoo by default (``make zoo-edge``), ``embedded`` (the toy zoo) or a zoo folder.
 
     python scripts/bench_stitch.py --out out/bench_stitch.json
 """
@@ -30,8 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends import get_backend  # noqa: E402
+from loom.core.errors import ManifestError  # noqa: E402
 from loom.core.onnxutil import load_model  # noqa: E402
-from loom.core.paths import default_zoo, zoo_tasks  # noqa: E402
+from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
 from loom.core.progress import Progress  # noqa: E402
 from loom.core.runref import session  # noqa: E402
 from loom.model.cutting import partition_family  # noqa: E402
@@ -93,16 +95,20 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--zoo")
+    ap.add_argument("--zoo", default="edge", help="edge (default), embedded, or a zoo folder")
     ap.add_argument("--tasks", nargs="*")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 3, 4])
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args(argv)
-    zoo = Path(args.zoo) if args.zoo else default_zoo()
+    try:
+        zoo = resolve_zoo(args.zoo)
+        tasks = args.tasks or zoo_tasks(zoo)
+    except (ManifestError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
-    result = bench(zoo, args.tasks or zoo_tasks(zoo), args.k, args.variants, args.rounds, args.repeats)
+    result = {"zoo": zoo_name(zoo), **bench(zoo, tasks, args.k, args.variants, args.rounds, args.repeats)}
     result["summary"] = summarize(result["rows"])
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor()}
     result["method"] = (f"batch 1, onnxruntime CPU EP, 1 intra-op thread; {args.rounds} interleaved rounds of "

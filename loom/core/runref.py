@@ -1,4 +1,4 @@
-"""The reference engine for analysis: onnxruntime on the CPU, one thread, optimizations on.
+"""The reference engine for analysis: onnxruntime on the CPU, one thread unless asked.
 
 Partitioning, cut checks and accuracy measurement need *some* engine to run full
 variants and read intermediate tensors; this is it. Serving goes through ``backends``.
@@ -6,7 +6,8 @@ variants and read intermediate tensors; this is it. Serving goes through ``backe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -19,8 +20,29 @@ from loom.core.errors import ModelError
 NonFinite = Literal["raise", "wrong"]
 
 
-def session(model: onnx.ModelProto | bytes, *, name: str, threads: int = 1) -> ort.InferenceSession:
+_THREADS = [1]
+
+
+@contextlib.contextmanager
+def evaluation_threads(n: int) -> Iterator[None]:
+    """Sessions made inside (without ``threads``) use ``n`` intra-op threads: for accuracy
+    passes of a process that has the machine to itself (the demo, the zoo builder)."""
+    _THREADS.append(max(1, n))
+    try:
+        yield
+    finally:
+        _THREADS.pop()
+
+
+def session(model: onnx.ModelProto | bytes, *, name: str, threads: int | None = None,
+            fusions: bool = True) -> ort.InferenceSession:
+    """A CPU session (``threads``: default 1, or ``evaluation_threads``); ``fusions=False``
+    keeps to the basic graph optimizations, whose results do not depend on where a graph
+    ends (no QDQ -> QLinear* fusions)."""
+    threads = _THREADS[-1] if threads is None else threads
     opts = ort.SessionOptions()
+    if not fusions:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

@@ -22,7 +22,6 @@ from loom.model.blockstore import BlockStore
 from loom.model.cuts import CutCandidate, GraphIndex, extract_block, slot_nodes
 from loom.model.family import Cut, Family, load_family
 from loom.model.partition import BlockInfo, Partition
-from loom.model.stitch import StitchedModel
 
 Progress = Callable[[str], None]
 
@@ -33,9 +32,11 @@ def _variant_precision(family: Family, name: str) -> str:
 
 #: How closely a variant's chain of blocks must reproduce the variant, by precision.
 #: fp32: max abs difference of the outputs. int8/fp16: max abs difference relative to
-#: the largest output magnitude, plus top-1 agreement: the monolithic int8 model lets
-#: onnxruntime fold a DequantizeLinear -> Relu -> QuantizeLinear run across the cut
-#: into one requantization, which rounds differently from the split chain (same math).
+#: the largest output magnitude, plus top-1 agreement. Both sides run with onnxruntime's
+#: basic optimizations only: with all of them, the monolithic int8 model folds a
+#: DequantizeLinear -> Add -> QuantizeLinear run across the cut into one requantization,
+#: which rounds differently from the split chain (same math); in a network that amplifies
+#: rounding (MobileNetV2 int8, PTQ) that alone moved the logits by 17%.
 CHAIN_TOLERANCE = {"fp32": 1e-5, "fp16": 3e-2, "int8": 5e-2}
 MIN_TOP1_AGREEMENT = 0.97
 
@@ -159,21 +160,31 @@ def verify_chains(partition: Partition, family: Family, *, samples: int = 64) ->
     out_name = family.manifest.output.name
     result: dict[str, dict[str, Any]] = {}
     for name in partition.variants:
-        full = session(load_model(family.variant_path(name)), name=name)
-        want = run_batched(full, {input_name: x})[out_name]
-        got = StitchedModel(partition, [name] * partition.k).run({input_name: x})[out_name]
         precision = family.variant(name).precision
+        fusions = precision == "fp32"  # fp32 rounding barely depends on fusions; QDQ and casts do
+        full = session(load_model(family.variant_path(name)), name=name, fusions=fusions)
+        want = run_batched(full, {input_name: x})[out_name]
+        env = {input_name: x}
+        for bid in partition.variants[name]:
+            info = partition.blocks[bid]
+            block = session(load_model(partition.block_path(bid), check=False), name=bid, fusions=fusions)
+            env.update(run_batched(block, {n: env[n] for n in info.inputs}, info.outputs))
+        got = env[out_name]
         diff = float(np.abs(want - got).max())
         rel = diff / max(float(np.abs(want).max()), 1e-12)
         agree = float((want.argmax(-1) == got.argmax(-1)).mean())
         tol = CHAIN_TOLERANCE[precision]
-        ok = diff <= tol if precision == "fp32" else (rel <= tol and agree >= MIN_TOP1_AGREEMENT)
+        # fp32: absolute for outputs within [-1, 1], relative beyond (logits of 20 carry
+        # rounding differences of 1e-5 when a block boundary changes the kernels' fusions)
+        scale = max(1.0, float(np.abs(want).max()))
+        ok = diff <= tol * scale if precision == "fp32" else (rel <= tol and agree >= MIN_TOP1_AGREEMENT)
         result[name] = {
             "max_abs_diff": diff,
             "max_rel_diff": rel,
             "tolerance": tol,
-            "tolerance_kind": "absolute" if precision == "fp32" else "relative to max |output|",
+            "tolerance_kind": "absolute x max(1, max |output|)" if precision == "fp32" else "relative to max |output|",
             "top1_agreement": agree,
+            "graph_optimizations": "all" if fusions else "basic",
             "ok": bool(ok),
         }
     return result

@@ -55,6 +55,9 @@ class Variant(Strict):
     #: measured on the family's evaluation data with the family's metric
     accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     size_bytes: int | None = None
+    #: what the builder trained after making the variant: nothing, the head only, or all
+    #: weights (None: not stated)
+    fine_tuned: Literal["no", "head", "all"] | None = None
 
     @model_validator(mode="after")
     def _kind_matches_precision(self) -> Variant:

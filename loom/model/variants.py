@@ -456,6 +456,7 @@ def init_family(
     metric: str = "top1",
     description: str = "",
     made_by: str = "",
+    fine_tuned: str | None = None,
 ) -> Family:
     """Start a family in ``out_dir`` from one dense ONNX (normalized on import, then copied there).
 
@@ -485,7 +486,8 @@ def init_family(
     with staged_folder(out, link=sorted({eval_file, calib_file})) as stage:
         save_model(model, stage / "dense.onnx")
         Family(manifest, stage).save()
-        add_variant(load_family(stage), "dense", stage / "dense.onnx", kind="dense", made_by=made_by)
+        add_variant(load_family(stage), "dense", stage / "dense.onnx", kind="dense", made_by=made_by,
+                    fine_tuned=fine_tuned)
     return load_family(out)
 
 
@@ -499,6 +501,7 @@ def add_variant(
     precision: str = "fp32",
     made_by: str = "",
     accuracy: float | None = None,
+    fine_tuned: str | None = None,
 ) -> Variant:
     """Record (or replace) a variant whose file is already in the family folder; measure it
     (unless ``accuracy`` was measured already)."""
@@ -519,6 +522,7 @@ def add_variant(
         made_by=made_by,
         accuracy=round(accuracy, 5),
         size_bytes=path.stat().st_size,
+        fine_tuned=fine_tuned,  # type: ignore[arg-type]
     )
     others = [v for v in family.manifest.variants if v.name != name]
     family.manifest.variants = [*others, variant] if len(others) == len(family.manifest.variants) else [
@@ -568,13 +572,13 @@ def make_variants(
         name = f"unstructured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")
         _add_made(family, name, prune_unstructured(base, s), kind="unstructured",
-                  made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
+                  fine_tuned="no", made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
     for s in structured:
         name = f"structured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")
         pruned, n = prune_structured(base, s)
         _add_made(family, name, pruned, kind="structured", sparsity=s,
-                  made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
+                  fine_tuned="no", made_by=f"loom: removed the lowest-L1 {s:.0%} of channels in {n} internal groups of {source}, no fine-tuning")
     suffix = "" if source == "dense" else f"{source}-"
     src_sparsity = family.variant(source).sparsity
     if int8:
@@ -582,12 +586,12 @@ def make_variants(
         say(f"{family.task}: {name}")
         calib = family.calib_data()
         _add_made(family, name, quantize_int8(base, calib, preserve=keep), kind="int8", precision="int8",
-                  sparsity=src_sparsity,
+                  sparsity=src_sparsity, fine_tuned="no",
                   made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel 7-bit-range int8 weights, "
                           f"{len(calib)} calibration samples), cut tensors {keep} kept float")
     if fp16:
         name = f"{suffix}fp16"
         say(f"{family.task}: {name}")
-        _add_made(family, name, convert_fp16(base, preserve=keep), kind="fp16", precision="fp16", sparsity=src_sparsity,
+        _add_made(family, name, convert_fp16(base, preserve=keep), kind="fp16", precision="fp16", sparsity=src_sparsity, fine_tuned="no",
                   made_by=f"loom: float16 conversion of {source} (onnxconverter-common), float32 at inputs, outputs and cuts")
     return family

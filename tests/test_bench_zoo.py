@@ -1,0 +1,82 @@
+"""The benchmark scripts' ``--zoo``: the edge zoo by default, a one-line stop when what it needs
+is missing, and the zoo recorded in the JSON (cheap paths only: no benchmark is run but a
+one-round bench_stitch on the smallest embedded task)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+SERVE = str(ROOT / "configs" / "serve.yaml")  # the embedded zoo's tasks
+ALL = ["bench_stitch", "bench_estimators", "bench_serving", "bench_memory", "bench_sim"]
+#: the scripts that serve an SLO config's tasks (checked against the zoo and the profile dataset)
+SERVING = ["bench_serving", "bench_memory", "bench_sim"]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_zoo_test", SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def fake_edge(tmp_path, monkeypatch):
+    """A stand-in edge zoo: two family folders (a manifest each, enough for the checks)."""
+    zoo = tmp_path / "edge"
+    for task in ("fashion-cls", "fashion-group"):
+        (zoo / task).mkdir(parents=True)
+        (zoo / task / "family.yaml").write_text("")
+    monkeypatch.setenv("SPARSELOOM_EDGE_ZOO", str(zoo))
+    return zoo
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unbuilt_edge_zoo_stops_with_the_build_hint(name, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("SPARSELOOM_EDGE_ZOO", str(empty))
+    with pytest.raises(SystemExit) as exc:
+        script(name).main(["--out", str(tmp_path / "out.json")])  # --zoo edge is the default
+    msg = str(exc.value.code)
+    assert "the edge zoo is not built" in msg and "make zoo-edge" in msg and "\n" not in msg
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_config_tasks_outside_the_zoo_stop(name, fake_edge, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        script(name).main(["--config", SERVE, "--out", str(tmp_path / "out.json")])
+    msg = str(exc.value.code)
+    assert "not in the edge zoo" in msg and "fashion-cls, fashion-group" in msg and "--zoo embedded" in msg
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_zoo_tasks_without_profile_data_stop(name, fake_edge, tmp_path):
+    tasks = "\n".join(f"  - {{name: {t}, family: {fake_edge / t}, latency_ms: 20, accuracy_floor: 0.8, "
+                      "arrival: {process: poisson, rate_rps: 10}}" for t in ("fashion-cls", "fashion-group"))
+    config = tmp_path / "serve-edge.yaml"
+    config.write_text(f"schema_version: 1\ndevice: host\ntasks:\n{tasks}\n")
+    with pytest.raises(SystemExit) as exc:
+        script(name).main(["--config", str(config), "--zoo", "edge", "--out", str(tmp_path / "out.json")])
+    assert str(exc.value.code) == ("error: no profile data for task fashion-cls, fashion-group in profiles/data/host: "
+                                   "run `loom profile --device profiles/host.yaml --zoo edge` first")
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_embedded_config_passes_the_zoo_check(name):
+    cfg, zoo = script(name).zoo_config(SERVE, "embedded")
+    assert zoo == "embedded" and cfg.task_names == ["image-cls", "signal-cls", "seq-cls"]
+
+
+def test_bench_stitch_records_the_zoo(tmp_path):
+    out = tmp_path / "stitch.json"
+    assert script("bench_stitch").main(["--zoo", "embedded", "--out", str(out), "--tasks", "signal-cls", "--k", "2",
+                                        "--variants", "dense", "--rounds", "1", "--repeats", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["zoo"] == "embedded" and {r["task"] for r in result["rows"]} == {"signal-cls"}
