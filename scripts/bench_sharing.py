@@ -36,8 +36,23 @@ from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
 from loom.core.progress import say  # noqa: E402
 
 
-def partitions(zoo: Path, tasks: list[str], work: Path, k: int) -> dict[str, Any]:
-    """Each task partitioned into ``work/<task>``, all into one store ``work/blockstore``."""
+def head_cuts(family: Any, k: int) -> list[list[str]]:
+    """K - 1 cuts whose last is the deepest aligned one (before the head, when the pooled
+    features align): every byte but the head's is then in blocks the tasks can share."""
+    from loom.model.align import align, choose_cuts
+
+    aligned = sorted(align(family).aligned, key=lambda c: c.macs_before)
+    if not aligned:
+        raise SystemExit(f"error: {family.path}: no aligned cut")
+    deepest = aligned[-1]
+    rest = [c for c in aligned if c.macs_before < deepest.macs_before]
+    first = choose_cuts(rest, k - 1) if k > 2 and rest else []
+    return [list(c.tensors) for c in first] + [list(deepest.tensors)]
+
+
+def partitions(zoo: Path, tasks: list[str], work: Path, k: int, mode: str) -> dict[str, Any]:
+    """Each task partitioned into ``work/<task>``, all into one store ``work/blockstore``;
+    ``mode``: ``balanced`` (the MAC-balanced cuts the demo and serving use) or ``head``."""
     from loom.model.cutting import partition_family
     from loom.model.family import load_family
     from loom.model.partition import load_partition
@@ -48,8 +63,10 @@ def partitions(zoo: Path, tasks: list[str], work: Path, k: int) -> dict[str, Any
         if (folder / "partition.yaml").is_file():
             parts[t] = load_partition(folder)
         else:
-            say(f"partitioning {t} (K={k}) into {folder}")
-            parts[t] = partition_family(load_family(zoo / t), folder, k=k)
+            family = load_family(zoo / t)
+            cuts = head_cuts(family, k) if mode == "head" else None
+            say(f"partitioning {t} (K={k}, {mode} cuts) into {folder}")
+            parts[t] = partition_family(family, folder, k=k, cuts=cuts)
     return parts
 
 
@@ -139,31 +156,20 @@ def memory(parts: dict, configs: dict[str, tuple], merged: dict, *, repeats: int
             "disk_bytes_monolithic": sum(p.stat().st_size for p in wholes), "repeats": repeats}
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_mode(parts: dict[str, Any], tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Switches between every pair of tasks that share blocks (uniform configs of
+    ``args.variants``), and the memory of the first pair resident."""
     from loom.core.onnxutil import save_model
     from loom.model.stitch import merge_config
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", default="edge")
-    ap.add_argument("--out", default="out/bench_sharing.json")
-    ap.add_argument("--work", default=None, help="partition folder (default: out/sharing-<zoo>)")
-    ap.add_argument("-k", type=int, default=3)
-    ap.add_argument("--variants", nargs="*", default=["dense", "fp16", "unstructured-50"])
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args(argv)
-    folder = resolve_zoo(args.zoo)
-    name, tasks = zoo_name(folder), zoo_tasks(folder)
-    work = Path(args.work or f"out/sharing-{Path(name).name}")
-    parts = partitions(folder, tasks, work, args.k)
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"zoo": name, "tasks": tasks, "k": args.k, "pairs": []}
+    result: dict[str, Any] = {"cuts": {t: p.cuts for t, p in parts.items()},
+                              "slot_macs_share": {t: p.slot_macs_share for t, p in parts.items()}}
     with tempfile.TemporaryDirectory(prefix="bench-sharing-") as tmp:
         merged: dict[tuple[str, tuple], Path] = {}
         pairs = []
         for i, ta in enumerate(tasks):
             for tb in tasks[i + 1:]:
-                shared = set(parts[ta].blocks) & set(parts[tb].blocks)
-                if not shared:
+                if not set(parts[ta].blocks) & set(parts[tb].blocks):
                     continue
                 for v in (v for v in args.variants if v in parts[ta].variants and v in parts[tb].variants):
                     ca, cb = (v,) * parts[ta].k, (v,) * parts[tb].k
@@ -171,29 +177,54 @@ def main(argv: list[str] | None = None) -> int:
                         merged[(t, c)] = save_model(merge_config(parts[t], c), Path(tmp) / f"{t}-{v}.onnx")
                     pairs += [((ta, ca), (tb, cb)), ((tb, cb), (ta, ca))]
         if not pairs:
-            raise SystemExit(f"error: no two tasks of the {name} zoo share a block: nothing to measure")
+            raise SystemExit("error: no two tasks share a block: nothing to measure")
         rows = switching(parts, pairs, merged, repeats=args.repeats)
-        result["pairs"] = rows
         first = pairs[0]
-        result["memory"] = memory(parts, {first[0][0]: first[0][1], first[1][0]: first[1][1]}, merged,
-                                  repeats=3)
+        result["memory"] = memory(parts, {first[0][0]: first[0][1], first[1][0]: first[1][1]}, merged, repeats=3)
+    result["pairs"] = rows
     warm = [r["speedup"] for r in rows if not r["cold"] and r["speedup"]]
     cold = [r["speedup"] for r in rows if r["cold"] and r["speedup"]]
     result["switch"] = {"cross_task_speedup_vs_monolithic": statistics.median(warm) if warm else None,
                         "cross_task_speedup_vs_monolithic_cold": statistics.median(cold) if cold else None,
                         "definition": "median over task pairs and variants of monolithic_s / differential_s "
                                       "(release + load on onnxruntime, medians over repeats)"}
-    result["settings"] = {"repeats": args.repeats, "variants": args.variants, "cpus": os.cpu_count(),
-                          "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t0, 1)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", default="edge")
+    ap.add_argument("--out", default="out/bench_sharing.json")
+    ap.add_argument("--work", default=None, help="partition folder (default: out/sharing-<zoo>)")
+    ap.add_argument("-k", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=["dense", "fp16", "unstructured-30"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cut-modes", nargs="*", default=["balanced", "head"], choices=["balanced", "head"],
+                    help="balanced: the MAC-balanced cuts the demo uses; head: the last cut before the head")
+    args = ap.parse_args(argv)
+    folder = resolve_zoo(args.zoo)
+    name, tasks = zoo_name(folder), zoo_tasks(folder)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"zoo": name, "tasks": tasks, "k": args.k, "by_cut_mode": {}}
+    for mode in args.cut_modes:
+        work = Path(args.work or f"out/sharing-{Path(name).name}") / mode
+        result["by_cut_mode"][mode] = measure_mode(partitions(folder, tasks, work, args.k, mode), tasks, args)
+    main_mode = "head" if "head" in result["by_cut_mode"] else args.cut_modes[0]
+    result["switch"] = {**result["by_cut_mode"][main_mode]["switch"], "cut_mode": main_mode}
+    result["memory"] = {**result["by_cut_mode"][main_mode]["memory"], "cut_mode": main_mode}
+    result["settings"] = {"repeats": args.repeats, "variants": args.variants, "cut_modes": args.cut_modes,
+                          "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                          "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    m = result["memory"]
-    print(f"cross-task switch speedup vs monolithic: warm {result['switch']['cross_task_speedup_vs_monolithic']:.1f}x, "
-          f"cold {result['switch']['cross_task_speedup_vs_monolithic_cold']:.1f}x")
-    print(f"both tasks resident: blocks {m['rss_growth_blocks_bytes'] / 2**20:.1f} MB RSS vs whole models "
-          f"{m['rss_growth_monolithic_bytes'] / 2**20:.1f} MB ({m['all_resident_share_of_monolithic_sum']:.0%}); "
-          f"disk {m['disk_bytes_blocks'] / 2**20:.1f} vs {m['disk_bytes_monolithic'] / 2**20:.1f} MB")
+    for mode, r in result["by_cut_mode"].items():
+        m, sw = r["memory"], r["switch"]
+        print(f"{mode} cuts: cross-task switch {sw['cross_task_speedup_vs_monolithic']:.1f}x faster than monolithic "
+              f"(warm), {sw['cross_task_speedup_vs_monolithic_cold']:.1f}x (cold); both tasks resident: blocks "
+              f"{m['rss_growth_blocks_bytes'] / 2**20:.1f} MB RSS vs whole models "
+              f"{m['rss_growth_monolithic_bytes'] / 2**20:.1f} MB ({m['all_resident_share_of_monolithic_sum']:.0%}); "
+              f"disk {m['disk_bytes_blocks'] / 2**20:.1f} vs {m['disk_bytes_monolithic'] / 2**20:.1f} MB")
     print(f"wrote {out}")
     return 0
 

@@ -41,7 +41,8 @@ from loom.model.family import load_family  # noqa: E402
 from loom.model.stitch import StitchedModel, merge_config  # noqa: E402
 from loom.profiling.measure import time_call  # noqa: E402
 
-DEFAULT_VARIANTS = ["dense", "unstructured-80", "structured-50", "int8", "fp16"]
+# the embedded zoo's and the edge zoo's (a variant a family lacks is skipped)
+DEFAULT_VARIANTS = ["dense", "unstructured-80", "structured-50", "unstructured-40", "structured-20", "int8", "fp16"]
 
 
 def bench(zoo: Path, tasks: list[str], ks: list[int], variants: list[str], rounds: int, repeats: int) -> dict:

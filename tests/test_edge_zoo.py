@@ -150,11 +150,16 @@ def test_bench_sharing_switches_across_tasks(tmp_path: Path) -> None:
     assert bench_sharing.main(["--zoo", str(zoo), "--out", str(out), "--work", str(tmp_path / "parts"),
                                "--variants", "dense", "--repeats", "1"]) == 0
     r = json.loads(out.read_text())
-    assert r["zoo"] == str(zoo) and len(r["pairs"]) == 4  # both ways, warm and cold
-    for row in r["pairs"]:
-        # only the head's block differs: one block loaded, the backbone's kept
-        assert row["blocks_loaded"] == 1 and row["blocks_kept"] == 2
-        assert row["bytes_differential"] < row["bytes_monolithic"]
-    m = r["memory"]
-    assert m["blocks_resident"] == 4 and m["disk_bytes_blocks"] < m["disk_bytes_monolithic"]
-    assert r["switch"]["cross_task_speedup_vs_monolithic"] is not None
+    assert r["zoo"] == str(zoo) and set(r["by_cut_mode"]) == {"balanced", "head"}
+    for mode, m in r["by_cut_mode"].items():
+        assert len(m["pairs"]) == 4  # both ways, warm and cold
+        for row in m["pairs"]:
+            # only the last block (the head's) differs: one block loaded, the backbone's kept
+            assert row["blocks_loaded"] == 1 and row["blocks_kept"] == 2, mode
+            assert row["bytes_differential"] < row["bytes_monolithic"]
+        assert m["memory"]["blocks_resident"] == 4
+        assert m["memory"]["disk_bytes_blocks"] < m["memory"]["disk_bytes_monolithic"]
+    head = r["by_cut_mode"]["head"]
+    assert head["cuts"]["cls"][-1] == ["/ReduceMean_output_0"]  # the pooled features: only the head differs
+    assert head["memory"]["disk_bytes_blocks"] < 0.6 * head["memory"]["disk_bytes_monolithic"]
+    assert r["switch"]["cut_mode"] == "head" and r["switch"]["cross_task_speedup_vs_monolithic"] is not None
