@@ -42,6 +42,18 @@ def test_missing_variant_file_names_field_and_file(synth_family, tmp_path):
     assert "family.yaml" in msg and "variants[3].file: no such file 'int8.onnx'" in msg
 
 
+def test_fine_tuned_is_recorded_and_checked(synth_family, tmp_path):
+    folder = _copy(synth_family, tmp_path)
+    manifest = yaml.safe_load((folder / "family.yaml").read_text())
+    manifest["variants"][0]["fine_tuned"] = "head"
+    (folder / "family.yaml").write_text(yaml.safe_dump(manifest))
+    assert load_family(folder).variants[0].fine_tuned == "head"
+    manifest["variants"][0]["fine_tuned"] = "a bit"
+    (folder / "family.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ManifestError, match="fine_tuned"):
+        load_family(folder)
+
+
 def test_every_problem_reported_at_once(synth_family, tmp_path):
     folder = _copy(synth_family, tmp_path)
 

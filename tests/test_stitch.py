@@ -73,3 +73,24 @@ def test_chain_across_two_backends(synth_partition, synth_family):
     with StitchedModel(synth_partition, config, backends=[ort_b, ov_b, ort_b]) as mixed, \
             StitchedModel(synth_partition, config, backends=ort_b) as plain:
         np.testing.assert_allclose(mixed.run({"input": x})["logits"], plain.run({"input": x})["logits"], atol=1e-4)
+
+
+def test_evaluation_threads_apply_only_inside_and_only_by_default():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from loom.core.runref import evaluation_threads, session
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+
+    def threads(**kw):
+        return session(m, name="relu", **kw).get_session_options().intra_op_num_threads
+
+    assert threads() == 1
+    with evaluation_threads(2):
+        assert threads() == 2 and threads(threads=1) == 1
+    assert threads() == 1
