@@ -160,3 +160,20 @@ def test_cli_fit_then_predict(synth_family, synth_partition, dataset, device, tm
     assert main(["predict", "--estimates", str(tmp_path / "none"), "--task", "synthetic", "--config", config,
                  "--placement", "cpu"]) == 2
     assert "loom fit" in capsys.readouterr().err
+
+
+def test_a_processor_without_rows_is_left_out_and_spaces_keep_to_the_device(estimates, dataset, device,
+                                                                            synth_partition):
+    import copy
+
+    from loom.app.deployment import task_space
+
+    only = copy.copy(dataset)
+    first = device.processors[0].name
+    only.blocks = [r for r in dataset.blocks if r["processor"] == first]
+    est = fit_estimates([synth_partition], only, device, samples=2, strategy="random")
+    assert list(est.processors) == [first]
+    assert est.notes["latency"]["processors_left_out"] == [p.name for p in device.processors[1:]]
+    # a deployment's device may list fewer processors than the estimates know
+    space = task_space(estimates, synth_partition.task, [first])
+    assert space.processors == [first] and {p for _, p in space.block_ms} == {first}

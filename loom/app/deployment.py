@@ -39,9 +39,11 @@ from placement.queueing import latency_aware_mix
 
 
 # -- the optimizer's view of a task ---------------------------------------------------------------
-def task_space(estimates: Estimates, task: str) -> TaskSpace:
-    """A task's choices with predicted numbers: block latency on every processor, hand-offs, accuracy."""
+def task_space(estimates: Estimates, task: str, processors: Sequence[str] | None = None) -> TaskSpace:
+    """A task's choices with predicted numbers: block latency on every processor (of
+    ``processors`` only, when given: the config's device), hand-offs, accuracy."""
     te = estimates.task(task)
+    procs = [p for p in estimates.processors if processors is None or p in processors]
     part = te.partition
     feats = partition_features(part)
     names = list(part.variants)
@@ -49,11 +51,11 @@ def task_space(estimates: Estimates, task: str) -> TaskSpace:
         task=task,
         variants=names,
         k=part.k,
-        processors=list(estimates.processors),
+        processors=procs,
         blocks={(v, s): part.variants[v][s] for v in names for s in range(part.k)},
         # a pair the profiler could not run (an op the engine refuses) is left out: the
         # optimizer never places the block there
-        block_ms={k: v for k, v in estimates.block_table(task).items() if te.can_run(*k)},
+        block_ms={k: v for k, v in estimates.block_table(task).items() if te.can_run(*k) and k[1] in procs},
         out_bytes={b: float(f["act_out_bytes"]) for b, f in feats.items()},
         # what a loaded block holds is mostly its weights: the file's size
         memory_bytes={b: int(info.size_bytes) for b, info in part.blocks.items()},
@@ -118,7 +120,11 @@ class Deployment:
                                   f"family {fam.path}, whose task is {fam.task!r}")
         parts = ensure_partitions(list(families.values()), cfg.partitions, k=cfg.k)
         est = load_or_fit_estimates(cfg, device, parts, refit=refit)
-        spaces = {p.task: task_space(est, p.task) for p in parts}
+        usable = [q.name for q in device.processors if q.name in est.processors]
+        if not usable:
+            raise ConfigError(f"{cfg.source}: device {device.name}: none of its processors "
+                              f"{[q.name for q in device.processors]} has estimates ({sorted(est.processors)})")
+        spaces = {p.task: task_space(est, p.task, usable) for p in parts}
         store = _shared_store(cfg, parts)
         dep = cls(cfg, device, est, {p.task: p for p in parts}, families, spaces, store)
         dep.machine_mismatch = _machine_check(dep)

@@ -495,6 +495,17 @@ def fit_estimates(
         tasks[part.task], sample = _fit_task(part, data, n, strategy=strategy, seed=seed, say=say, on_task=on_task)
         notes["accuracy"][part.task] = {"strategy": strategy, "measured_configs": len(sample.measured),
                                         "space": len(part.variants) ** part.k, "seconds": round(sample.seconds, 2)}
-    return Estimates(device=device.name, processors=processor_rows(device), latency=latency,
+    # A processor the dataset has no row of is left out: the estimator would extrapolate to
+    # it from its features alone (measured: untuned TVM predicted at onnxruntime's speed).
+    measured = {r["processor"] for r in data.blocks if r.get("status") == "ok"}
+    processors = {n: f for n, f in processor_rows(device).items() if n in measured}
+    if not processors:
+        raise EstimatesError(f"{data.root}: no block measured on any processor of {device.name}")
+    left_out = sorted(set(processor_rows(device)) - set(processors))
+    if left_out:
+        notes["latency"]["processors_left_out"] = left_out
+        say(f"latency: no profile rows for {', '.join(left_out)}: left out of the estimates (profile them to place "
+            "blocks there)")
+    return Estimates(device=device.name, processors=processors, latency=latency,
                      links=link_model(data, device), tasks=tasks,
                      fingerprint={"fingerprint_id": data.meta.get("fingerprint_id")}, notes=notes)
