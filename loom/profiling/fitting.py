@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from estimators.sampling import (
 )
 from loom.core.errors import ConfigError, LoomError
 from loom.core.onnxutil import load_model
+from loom.core.runref import evaluation_threads
 from loom.core.schema import check_fields, read_json
 from loom.model.family import Family
 from loom.model.partition import Partition, load_partition
@@ -492,7 +494,9 @@ def fit_estimates(
                                          "dataset_sha256": dataset_digest(data.root)}, "accuracy": {}}
     for part in partitions:
         n = samples if samples is not None else accuracy_budget(len(part.variants) ** part.k)
-        tasks[part.task], sample = _fit_task(part, data, n, strategy=strategy, seed=seed, say=say, on_task=on_task)
+        with evaluation_threads(os.cpu_count() or 1):  # offline accuracy passes: every core
+            tasks[part.task], sample = _fit_task(part, data, n, strategy=strategy, seed=seed, say=say,
+                                                 on_task=on_task)
         notes["accuracy"][part.task] = {"strategy": strategy, "measured_configs": len(sample.measured),
                                         "space": len(part.variants) ** part.k, "seconds": round(sample.seconds, 2)}
     # A processor the dataset has no row of is left out: the estimator would extrapolate to
