@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ from loom.profiling.dataset import ProfileDataError, load_profile_dataset
 from loom.profiling.fitting import Estimates, EstimatesError, TaskEstimates
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+# the reliability catalogue's file-damaging helper: the same damage, one definition
+from reliability_cases import BINARY, damage  # noqa: E402
+
 SLO = ROOT / "configs" / "serve.yaml"
 HOST = ROOT / "profiles" / "host.yaml"
 DATASET = ROOT / "profiles" / "data" / "host"
-BINARY = bytes(range(256)) * 8
 
 
 def raises_typed(error: type[LoomError], load: Callable[[], Any], *names: str) -> str:
@@ -230,22 +234,6 @@ def test_the_zoo_and_a_partitions_family_load_strictly(synth_partition):
 
 
 # -- 4. corrupted artifacts ------------------------------------------------------------------------
-def corrupt(path: Path, how: str) -> None:
-    """Damage a JSON or YAML file sparseloom wrote: binary, truncated, or the wrong top-level shape."""
-    text = path.read_text()
-    dump = json.dumps if path.suffix == ".json" else yaml.safe_dump
-    if how == "binary":
-        path.write_bytes(BINARY)
-    elif how == "truncated":
-        path.write_text(text[: len(text) // 2])
-    elif how == "empty":
-        path.write_text("")
-    elif how == "list":
-        path.write_text(dump([1, 2]))
-    elif how == "string":
-        path.write_text(dump("a string"))
-
-
 SHAPES = ["binary", "truncated", "empty", "list", "string"]
 
 
@@ -299,7 +287,7 @@ def est_copy(saved_estimates, tmp_path) -> Path:
 @pytest.mark.parametrize("how", SHAPES)
 def test_corrupt_estimator_metadata(est_copy, how):
     meta = est_copy / "latency.meta.json"
-    corrupt(meta, how)
+    damage(meta, how)
     raises_typed(EstimatorFileError, lambda: read_metadata(est_copy / "latency.json"), "latency.meta.json")
     raises_typed(EstimatorFileError, lambda: load_estimator(est_copy / "latency.json"), "latency.meta.json")
     raises_typed(EstimatorFileError, lambda: Estimates.load(est_copy), "latency.meta.json")
@@ -326,7 +314,7 @@ def test_estimator_metadata_of_the_wrong_shape(est_copy, edit, field):
 
 @pytest.mark.parametrize("how", SHAPES)
 def test_corrupt_estimates_json(est_copy, how):
-    corrupt(est_copy / "estimates.json", how)
+    damage(est_copy / "estimates.json", how)
     raises_typed(EstimatesError, lambda: Estimates.load(est_copy), "estimates.json")
 
 
@@ -355,7 +343,7 @@ def test_estimates_json_of_the_wrong_shape(est_copy, edit, field):
     ("tasks/synthetic/compat.json", "binary"), ("tasks/synthetic/compat.json", "string"),
 ])
 def test_corrupt_links_and_compat(est_copy, name, how):
-    corrupt(est_copy / name, how)
+    damage(est_copy / name, how)
     raises_typed(EstimatesError, lambda: Estimates.load(est_copy), name.rsplit("/", 1)[-1])
 
 
@@ -394,7 +382,7 @@ def data_copy(tmp_path) -> Path:
 
 @pytest.mark.parametrize("how", SHAPES)
 def test_corrupt_dataset_meta(data_copy, how):
-    corrupt(data_copy / "meta.json", how)
+    damage(data_copy / "meta.json", how)
     raises_typed(ProfileDataError, lambda: load_profile_dataset(data_copy), "meta.json")
 
 
@@ -440,7 +428,7 @@ def part_copy(synth_partition, tmp_path) -> Path:
 
 @pytest.mark.parametrize("how", SHAPES)
 def test_corrupt_partition_file(part_copy, how):
-    corrupt(part_copy / PARTITION_FILE, how)
+    damage(part_copy / PARTITION_FILE, how)
     raises_typed(ManifestError, lambda: load_partition(part_copy), PARTITION_FILE)
 
 
@@ -481,7 +469,7 @@ def store_copy(synth_partition, tmp_path) -> Path:
 
 @pytest.mark.parametrize("how", SHAPES)
 def test_corrupt_block_store_index(store_copy, how):
-    corrupt(store_copy / INDEX_FILE, how)
+    damage(store_copy / INDEX_FILE, how)
     raises_typed(ManifestError, lambda: BlockStore(store_copy), INDEX_FILE)
 
 
