@@ -44,13 +44,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_check import zoo_folder_and_tasks  # noqa: E402
 
 from estimators.accuracy import config_features  # noqa: E402
 from estimators.latency import LatencyEstimator  # noqa: E402
 from estimators.plans import LinkModel, latency_table, plan_latency  # noqa: E402
 from estimators.sampling import active_sample, random_sample, stratified_sample  # noqa: E402
-from loom.core.errors import ManifestError  # noqa: E402
-from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
+from loom.core.paths import zoo_name  # noqa: E402
 from loom.core.progress import say  # noqa: E402
 from loom.model.family import load_family  # noqa: E402
 from loom.model.partition import Partition  # noqa: E402
@@ -328,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
-        zoo = resolve_zoo(args.zoo)
-        tasks = args.tasks or zoo_tasks(zoo)
-    except (ManifestError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    zoo, tasks = zoo_folder_and_tasks(args.zoo, args.tasks)
     result = run(args, zoo, tasks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_check import zoo_folder_and_tasks  # noqa: E402
 
 from backends import get_backend  # noqa: E402
-from loom.core.errors import ManifestError  # noqa: E402
 from loom.core.onnxutil import load_model  # noqa: E402
-from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
+from loom.core.paths import zoo_name  # noqa: E402
 from loom.core.progress import Progress  # noqa: E402
 from loom.core.runref import session  # noqa: E402
 from loom.model.cutting import partition_family  # noqa: E402
@@ -103,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args(argv)
-    try:
-        zoo = resolve_zoo(args.zoo)
-        tasks = args.tasks or zoo_tasks(zoo)
-    except (ManifestError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    zoo, tasks = zoo_folder_and_tasks(args.zoo, args.tasks)
     t0 = time.perf_counter()
     result = {"zoo": zoo_name(zoo), **bench(zoo, tasks, args.k, args.variants, args.rounds, args.repeats)}
     result["summary"] = summarize(result["rows"])

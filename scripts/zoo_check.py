@@ -1,5 +1,6 @@
-"""The benchmarks' check that an SLO config's tasks belong to the zoo asked for (``--zoo``)
-and have profile data, so that a script stops with one line instead of a traceback."""
+"""The benchmarks' checks of ``--zoo``: the zoo exists (and, with an SLO config, the config's
+tasks belong to it and have profile data), so that a script stops with one line instead of
+a traceback."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def zoo_config(config: str, zoo: str) -> tuple[Any, str]:
     except (LoomError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return cfg, name
+
+
+def zoo_folder_and_tasks(zoo: str, tasks: list[str] | None = None) -> tuple[Path, list[str]]:
+    """The folder of ``zoo`` (a name or a folder) and ``tasks`` (default: all of its tasks);
+    the script stops with a one-line error when the zoo is not there."""
+    from loom.core.errors import LoomError
+    from loom.core.paths import resolve_zoo, zoo_tasks
+
+    try:
+        folder = resolve_zoo(zoo)
+        return folder, list(tasks) if tasks else zoo_tasks(folder)
+    except (LoomError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
