@@ -19,12 +19,12 @@ compression of the same backbone, a different head.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loom.core.paths import resolve_zoo, zoo_name, zoo_tasks  # noqa: E402
+from zoo_check import zoo_folder_and_tasks  # noqa: E402
+
+from loom.core.paths import zoo_name  # noqa: E402
 from loom.core.progress import say  # noqa: E402
 
 
@@ -70,53 +72,19 @@ def partitions(zoo: Path, tasks: list[str], work: Path, k: int, mode: str) -> di
     return parts
 
 
-def _time_switch(parts: dict, backend: Any, a: tuple[str, tuple], b: tuple[str, tuple], *, cold: bool,
-                 merged: dict) -> dict[str, float]:
-    from switching import drop_page_cache, warm_page_cache
-
-    (ta, ca), (tb, cb) = a, b
-    ids_a = list(dict.fromkeys(parts[ta].variants[v][s] for s, v in enumerate(ca)))
-    ids_b = list(dict.fromkeys(parts[tb].variants[v][s] for s, v in enumerate(cb)))
-    path = {**{i: parts[ta].block_path(i) for i in ids_a}, **{i: parts[tb].block_path(i) for i in ids_b}}
-    missing, drop = [i for i in ids_b if i not in ids_a], [i for i in ids_a if i not in ids_b]
-    prep = drop_page_cache if cold else warm_page_cache
-    resident = {i: backend.load(path[i], block_id=i) for i in ids_a}
-    prep([path[i] for i in missing])
-    t0 = time.perf_counter()
-    for i in drop:
-        backend.release(resident.pop(i))
-    for i in missing:
-        resident[i] = backend.load(path[i], block_id=i)
-    diff = time.perf_counter() - t0
-    for blk in resident.values():
-        backend.release(blk)
-    whole = backend.load(merged[a], block_id="mono-a")
-    prep([merged[b]])
-    t0 = time.perf_counter()
-    backend.release(whole)
-    whole = backend.load(merged[b], block_id="mono-b")
-    mono = time.perf_counter() - t0
-    backend.release(whole)
-    return {"differential_s": diff, "monolithic_s": mono, "blocks_loaded": len(missing),
-            "blocks_kept": len(ids_a) - len(drop), "bytes_differential": sum(path[i].stat().st_size for i in missing),
-            "bytes_monolithic": merged[b].stat().st_size}
-
-
-def switching(parts: dict, pairs: list[tuple[tuple[str, tuple], tuple[str, tuple]]], merged: dict, *,
+def switching(switchers: dict[str, Any], pairs: list[tuple[tuple[str, tuple], tuple[str, tuple]]], *,
               repeats: int) -> list[dict[str, Any]]:
-    from backends import get_backend
+    """Each cross-task switch ``repeats`` times both ways (``switching.Switcher``), warm then cold."""
+    from switching import summarize_runs
 
-    backend = get_backend("onnxruntime")
     rows = []
     for cold in (False, True):
-        for a, b in pairs:
-            runs = [_time_switch(parts, backend, a, b, cold=cold, merged=merged) for _ in range(repeats)]
-            d = statistics.median(r["differential_s"] for r in runs)
-            m = statistics.median(r["monolithic_s"] for r in runs)
-            rows.append({"from": [a[0], *a[1]], "to": [b[0], *b[1]], "cold": cold, "differential_s": d,
-                         "monolithic_s": m, "speedup": m / d if d > 0 else None, "repeats": repeats,
-                         **{k: runs[0][k] for k in ("blocks_loaded", "blocks_kept", "bytes_differential",
-                                                     "bytes_monolithic")}})
+        for (ta, ca), (tb, cb) in pairs:
+            runs = [switchers[ta].measure(ca, cb, cold=cold, monolithic_first=bool(i % 2), to=switchers[tb])
+                    for i in range(repeats)]
+            row = summarize_runs(runs)
+            rows.append({**row, "from": [ta, *ca], "to": [tb, *cb]})
+            d, m = row["differential_s"], row["monolithic_s"]
             say(f"{'cold' if cold else 'warm'} {'|'.join(rows[-1]['from'])} -> {'|'.join(rows[-1]['to'])}: "
                 f"differential {1e3 * d:.1f} ms, monolithic {1e3 * m:.1f} ms ({m / d:.1f}x)")
     return rows
@@ -143,10 +111,10 @@ def rss_growth(paths: list[Path]) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth_bytes"])
 
 
-def memory(parts: dict, configs: dict[str, tuple], merged: dict, *, repeats: int) -> dict[str, Any]:
+def memory(parts: dict, configs: dict[str, tuple], switchers: dict[str, Any], *, repeats: int) -> dict[str, Any]:
     ids = {parts[t].variants[v][s]: parts[t] for t, c in configs.items() for s, v in enumerate(c)}
     union = [part.block_path(bid) for bid, part in ids.items()]  # a block shared by both tasks: once
-    wholes = [merged[(t, c)] for t, c in configs.items()]
+    wholes = [switchers[t].merged_path(c) for t, c in configs.items()]
     blocks = statistics.median(rss_growth(union) for _ in range(repeats))
     mono = statistics.median(rss_growth(wholes) for _ in range(repeats))
     return {"configs": {t: list(c) for t, c in configs.items()}, "blocks_resident": len(union),
@@ -159,28 +127,29 @@ def memory(parts: dict, configs: dict[str, tuple], merged: dict, *, repeats: int
 def measure_mode(parts: dict[str, Any], tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Switches between every pair of tasks that share blocks (uniform configs of
     ``args.variants``), and the memory of the first pair resident."""
-    from loom.core.onnxutil import save_model
-    from loom.model.stitch import merge_config
+    from switching import Switcher
+
+    from backends import get_backend
 
     result: dict[str, Any] = {"cuts": {t: p.cuts for t, p in parts.items()},
                               "slot_macs_share": {t: p.slot_macs_share for t, p in parts.items()}}
-    with tempfile.TemporaryDirectory(prefix="bench-sharing-") as tmp:
-        merged: dict[tuple[str, tuple], Path] = {}
-        pairs = []
-        for i, ta in enumerate(tasks):
-            for tb in tasks[i + 1:]:
-                if not set(parts[ta].blocks) & set(parts[tb].blocks):
-                    continue
-                for v in (v for v in args.variants if v in parts[ta].variants and v in parts[tb].variants):
-                    ca, cb = (v,) * parts[ta].k, (v,) * parts[tb].k
-                    for t, c in ((ta, ca), (tb, cb)):
-                        merged[(t, c)] = save_model(merge_config(parts[t], c), Path(tmp) / f"{t}-{v}.onnx")
-                    pairs += [((ta, ca), (tb, cb)), ((tb, cb), (ta, ca))]
-        if not pairs:
-            raise SystemExit("error: no two tasks share a block: nothing to measure")
-        rows = switching(parts, pairs, merged, repeats=args.repeats)
+    pairs = []
+    for i, ta in enumerate(tasks):
+        for tb in tasks[i + 1:]:
+            if not set(parts[ta].blocks) & set(parts[tb].blocks):
+                continue
+            for v in (v for v in args.variants if v in parts[ta].variants and v in parts[tb].variants):
+                ca, cb = (v,) * parts[ta].k, (v,) * parts[tb].k
+                pairs += [((ta, ca), (tb, cb)), ((tb, cb), (ta, ca))]
+    if not pairs:
+        raise SystemExit("error: no two tasks share a block: nothing to measure")
+    backend = get_backend("onnxruntime")
+    with contextlib.ExitStack() as stack:  # each task's merged models, written once, deleted after
+        switchers = {t: stack.enter_context(Switcher(parts[t], backend)) for t in tasks}
+        rows = switching(switchers, pairs, repeats=args.repeats)
         first = pairs[0]
-        result["memory"] = memory(parts, {first[0][0]: first[0][1], first[1][0]: first[1][1]}, merged, repeats=3)
+        result["memory"] = memory(parts, {first[0][0]: first[0][1], first[1][0]: first[1][1]}, switchers,
+                                  repeats=3)
     result["pairs"] = rows
     warm = [r["speedup"] for r in rows if not r["cold"] and r["speedup"]]
     cold = [r["speedup"] for r in rows if r["cold"] and r["speedup"]]
@@ -202,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cut-modes", nargs="*", default=["balanced", "head"], choices=["balanced", "head"],
                     help="balanced: the MAC-balanced cuts the demo uses; head: the last cut before the head")
     args = ap.parse_args(argv)
-    folder = resolve_zoo(args.zoo)
-    name, tasks = zoo_name(folder), zoo_tasks(folder)
+    folder, tasks = zoo_folder_and_tasks(args.zoo)
+    name = zoo_name(folder)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"zoo": name, "tasks": tasks, "k": args.k, "by_cut_mode": {}}
     for mode in args.cut_modes:

@@ -1,6 +1,7 @@
 """Differential switching: what a config switch costs when only missing blocks are loaded.
 
-Used by ``bench_memory.py`` (the runtime does not switch configs this way yet).
+Used by ``bench_memory.py`` and, across tasks (``to=``), ``bench_sharing.py`` (the runtime
+does not switch configs this way yet).
 
 A runtime serving config A of a task that is told to serve config B can either
 
@@ -202,10 +203,13 @@ class Switcher:
         warm_page_cache(paths)
         return False
 
-    def differential(self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool) -> dict[str, Any]:
-        """Time releasing the from-only blocks and loading the missing ones."""
+    def differential(self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool,
+                     to: Switcher | None = None) -> dict[str, Any]:
+        """Time releasing the from-only blocks and loading the missing ones (``to``: the
+        switcher of the task switched to, when it is another one; blocks are matched by id)."""
+        dst = to or self
         from_ids = _unique(self.source.blocks_of(from_config))
-        to_ids = _unique(self.source.blocks_of(to_config))
+        to_ids = _unique(dst.source.blocks_of(to_config))
         missing = [b for b in to_ids if b not in from_ids]
         drop = [b for b in from_ids if b not in to_ids]
         kept = [b for b in from_ids if b in to_ids]
@@ -213,7 +217,7 @@ class Switcher:
         try:
             for b in from_ids:  # the state before the switch, untimed
                 resident[b] = self.backend.load(self.source.path(b), block_id=b)
-            paths = {b: self.source.path(b) for b in missing}  # verified before timing
+            paths = {b: dst.source.path(b) for b in missing}  # verified before timing
             dropped = self._prepare(list(paths.values()), cold)
             t0 = time.perf_counter()
             for b in drop:
@@ -231,22 +235,25 @@ class Switcher:
         return {
             "seconds": seconds,
             "load_seconds": load_seconds,
-            "bytes": sum(self.source.size(b) for b in missing),
+            "bytes": sum(dst.source.size(b) for b in missing),
             "loaded": missing,
             "released": drop,
             "kept": kept,
             "page_cache_dropped": dropped,
         }
 
-    def monolithic(self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool) -> dict[str, Any]:
-        """Time releasing the whole from-model and loading the whole to-model.
+    def monolithic(self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool,
+                   to: Switcher | None = None) -> dict[str, Any]:
+        """Time releasing the whole from-model and loading the whole to-model (``to``: as
+        in ``differential``).
 
         When both configs are made of the same blocks the models are the same and a
         monolithic runtime does not switch either: 0 s, 0 bytes.
         """
-        if self.source.blocks_of(from_config) == self.source.blocks_of(to_config):
+        other = to or self
+        if self.source.blocks_of(from_config) == other.source.blocks_of(to_config):
             return {"seconds": 0.0, "load_seconds": 0.0, "bytes": 0, "page_cache_dropped": False}
-        src, dst = self.merged_path(from_config), self.merged_path(to_config)
+        src, dst = self.merged_path(from_config), other.merged_path(to_config)
         loaded: LoadedBlock | None = self.backend.load(src, block_id="monolithic-from")
         new: LoadedBlock | None = None
         try:
@@ -270,16 +277,18 @@ class Switcher:
         }
 
     def measure(
-        self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool, monolithic_first: bool = False
+        self, from_config: Sequence[str], to_config: Sequence[str], *, cold: bool, monolithic_first: bool = False,
+        to: Switcher | None = None,
     ) -> SwitchCost:
         """Both ways once; ``monolithic_first`` swaps the order (repeats alternate it, so
-        that allocator state left by one does not always favour the other)."""
+        that allocator state left by one does not always favour the other); ``to``: the
+        switcher of another task, for a switch across tasks."""
         if monolithic_first:
-            mono = self.monolithic(from_config, to_config, cold=cold)
-            diff = self.differential(from_config, to_config, cold=cold)
+            mono = self.monolithic(from_config, to_config, cold=cold, to=to)
+            diff = self.differential(from_config, to_config, cold=cold, to=to)
         else:
-            diff = self.differential(from_config, to_config, cold=cold)
-            mono = self.monolithic(from_config, to_config, cold=cold)
+            diff = self.differential(from_config, to_config, cold=cold, to=to)
+            mono = self.monolithic(from_config, to_config, cold=cold, to=to)
         return SwitchCost(
             from_config=tuple(from_config),
             to_config=tuple(to_config),
@@ -335,34 +344,34 @@ def measure_switches(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    rows: list[dict[str, Any]] = []
     with Switcher(source, backend, task=task) as sw:
-        for from_config, to_config in pairs:
-            runs = [
-                sw.measure(from_config, to_config, cold=cold, monolithic_first=bool(i % 2))
-                for i in range(repeats)
-            ]
-            first = runs[0]
-            diff_s = statistics.median(r.differential_s for r in runs)
-            mono_s = statistics.median(r.monolithic_s for r in runs)
-            rows.append({
-                "from": first.from_config,
-                "to": first.to_config,
-                "differential_s": diff_s,
-                "monolithic_s": mono_s,
-                "differential_load_s": statistics.median(r.differential_load_s for r in runs),
-                "monolithic_load_s": statistics.median(r.monolithic_load_s for r in runs),
-                "bytes_differential": first.bytes_differential,
-                "bytes_monolithic": first.bytes_monolithic,
-                "speedup": mono_s / diff_s if diff_s > 0 else None,
-                "blocks_loaded": len(first.blocks_loaded),
-                "blocks_released": len(first.blocks_released),
-                "blocks_kept": len(first.blocks_kept),
-                "repeats": repeats,
-                "cold": cold,
-                "page_cache_dropped": any(r.page_cache_dropped for r in runs),
-            })
-    return rows
+        return [summarize_runs([sw.measure(from_config, to_config, cold=cold, monolithic_first=bool(i % 2))
+                                for i in range(repeats)])
+                for from_config, to_config in pairs]
+
+
+def summarize_runs(runs: Sequence[SwitchCost]) -> dict[str, Any]:
+    """One row of ``measure_switches`` from the repeats of one switch: medians, bytes, counts."""
+    first = runs[0]
+    diff_s = statistics.median(r.differential_s for r in runs)
+    mono_s = statistics.median(r.monolithic_s for r in runs)
+    return {
+        "from": first.from_config,
+        "to": first.to_config,
+        "differential_s": diff_s,
+        "monolithic_s": mono_s,
+        "differential_load_s": statistics.median(r.differential_load_s for r in runs),
+        "monolithic_load_s": statistics.median(r.monolithic_load_s for r in runs),
+        "bytes_differential": first.bytes_differential,
+        "bytes_monolithic": first.bytes_monolithic,
+        "speedup": mono_s / diff_s if diff_s > 0 else None,
+        "blocks_loaded": len(first.blocks_loaded),
+        "blocks_released": len(first.blocks_released),
+        "blocks_kept": len(first.blocks_kept),
+        "repeats": len(runs),
+        "cold": first.cold,
+        "page_cache_dropped": any(r.page_cache_dropped for r in runs),
+    }
 
 
 def cost_as_dict(cost: SwitchCost) -> dict[str, Any]:
