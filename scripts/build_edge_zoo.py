@@ -54,8 +54,8 @@ TASKS = {
     "fashion-group": ("MobileNetV2 (the same ImageNet backbone as fashion-cls) on Fashion-MNIST in 4 coarse "
                       "groups (tops, full-length, footwear, bags): its own head, shared backbone blocks", GROUPS),
 }
-BACKBONE_NOTE = ("torchvision's ImageNet MobileNetV2 weights (mobilenet_v2-b0353104.pth), not fine-tuned; "
-                 f"BatchNorm statistics re-estimated on {BN_IMAGES} unlabelled training images")
+BN_NOTE = f"BatchNorm statistics re-estimated on {BN_IMAGES} unlabelled training images"
+BACKBONE_NOTE = f"torchvision's ImageNet MobileNetV2 weights (mobilenet_v2-b0353104.pth), not fine-tuned; {BN_NOTE}"
 
 
 def labels(y: np.ndarray, groups: dict[str, list[int]] | None) -> np.ndarray:
@@ -82,13 +82,13 @@ def backbones(base, train_x):  # noqa: ANN001, ANN201
         et.recalibrate_bn(m, bn_x)
         yield (f"unstructured-{round(s * 100)}", m, "unstructured", round(got, 4),
                f"per-layer magnitude pruning of every 1x1 conv to {s:.0%} zeros ({got:.2%} achieved; stem and "
-               f"depthwise convs dense) of the ImageNet backbone, no fine-tuning; " + BACKBONE_NOTE.split("; ")[1])
+               f"depthwise convs dense) of the ImageNet backbone, no fine-tuning; {BN_NOTE}")
     for s in STRUCTURED:
         m = em.thin(base, s)
         et.recalibrate_bn(m, bn_x)
         yield (f"structured-{round(s * 100)}", m, "structured", s,
                f"channel pruning: {s:.0%} of each inverted-residual block's expansion channels removed (ranked by "
-               "L1 norm x BatchNorm scale), a thinner network, no fine-tuning; " + BACKBONE_NOTE.split("; ")[1])
+               f"L1 norm x BatchNorm scale), a thinner network, no fine-tuning; {BN_NOTE}")
 
 
 def torch_stage(raw: Path, data: dict, weights: Path, log) -> dict:  # noqa: ANN001

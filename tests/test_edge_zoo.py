@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 torch = pytest.importorskip("torch")
 
-import bench_sharing  # noqa: E402, F401
+import bench_sharing  # noqa: E402
 import edge_mobilenet as em  # noqa: E402
 import edge_sources as es  # noqa: E402
 import edge_train as et  # noqa: E402
@@ -139,7 +139,6 @@ def test_fashion_slice_is_committed_and_labelled() -> None:
 
 def test_bench_sharing_switches_across_tasks(tmp_path: Path) -> None:
     import json
-
 
     zoo = tmp_path / "zoo"
     zoo.mkdir()

@@ -26,6 +26,11 @@ ZOOS = {"embedded": REPO_ROOT / "zoo", "edge": REPO_ROOT / "out" / "zoo" / "edge
 BUILD_HINT = {"edge": "make zoo-edge (or python scripts/build_edge_zoo.py --out out/zoo/edge)"}
 
 
+def _named_folder(name: str) -> Path:
+    """The folder a zoo name stands for (``$SPARSELOOM_EDGE_ZOO`` overrides the edge zoo's)."""
+    return Path(os.environ.get("SPARSELOOM_EDGE_ZOO", ZOOS[name])) if name == "edge" else ZOOS[name]
+
+
 def resolve_zoo(zoo: str | Path | None) -> Path:
     """A zoo by name (``embedded``, ``edge``) or folder; None means ``default_zoo()``.
 
@@ -36,7 +41,7 @@ def resolve_zoo(zoo: str | Path | None) -> Path:
         return default_zoo()
     name = str(zoo)
     if name in ZOOS:
-        folder = Path(os.environ.get("SPARSELOOM_EDGE_ZOO", ZOOS[name])) if name == "edge" else ZOOS[name]
+        folder = _named_folder(name)
         if not folder.is_dir() or not any((p / MANIFEST).is_file() for p in folder.iterdir()):
             hint = BUILD_HINT.get(name, "")
             raise ManifestError(f"{folder}: the {name} zoo is not built" + (f" (run {hint})" if hint else ""))
@@ -46,10 +51,7 @@ def resolve_zoo(zoo: str | Path | None) -> Path:
 
 def zoo_name(zoo: Path) -> str:
     """The zoo's name when it is one of ``ZOOS``, else its folder as given."""
-    for name, folder in ZOOS.items():
-        if zoo.resolve() == Path(os.environ.get("SPARSELOOM_EDGE_ZOO", folder) if name == "edge" else folder).resolve():
-            return name
-    return str(zoo)
+    return next((name for name in ZOOS if zoo.resolve() == _named_folder(name).resolve()), str(zoo))
 
 
 def zoo_tasks(zoo: Path) -> list[str]:

@@ -32,8 +32,8 @@ def _variant_precision(family: Family, name: str) -> str:
 
 #: How closely a variant's chain of blocks must reproduce the variant, by precision.
 #: fp32: max abs difference of the outputs. int8/fp16: max abs difference relative to
-#: the largest output magnitude, plus top-1 agreement. Both sides run with onnxruntime's
-#: basic optimizations only: with all of them, the monolithic int8 model folds a
+#: the largest output magnitude, plus top-1 agreement. For those two, both sides run with
+#: onnxruntime's basic optimizations only: with all of them, the monolithic int8 model folds a
 #: DequantizeLinear -> Add -> QuantizeLinear run across the cut into one requantization,
 #: which rounds differently from the split chain (same math); in a network that amplifies
 #: rounding (MobileNetV2 int8, PTQ) that alone moved the logits by 17%.

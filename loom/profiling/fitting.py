@@ -502,10 +502,11 @@ def fit_estimates(
     # A processor the dataset has no row of is left out: the estimator would extrapolate to
     # it from its features alone (measured: untuned TVM predicted at onnxruntime's speed).
     measured = {r["processor"] for r in data.blocks if r.get("status") == "ok"}
-    processors = {n: f for n, f in processor_rows(device).items() if n in measured}
+    every = processor_rows(device)
+    processors = {n: f for n, f in every.items() if n in measured}
     if not processors:
         raise EstimatesError(f"{data.root}: no block measured on any processor of {device.name}")
-    left_out = sorted(set(processor_rows(device)) - set(processors))
+    left_out = sorted(set(every) - set(processors))
     if left_out:
         notes["latency"]["processors_left_out"] = left_out
         say(f"latency: no profile rows for {', '.join(left_out)}: left out of the estimates (profile them to place "
