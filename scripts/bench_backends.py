@@ -98,8 +98,7 @@ def bench(
             made[label] = f"{type(exc).__name__}: {exc}"
     for task in tasks:
         family = load_family(zoo / task)
-        x1 = family.eval_data(1)[0]
-        feeds = {family.manifest.input.name: np.ascontiguousarray(x1)}
+        feeds = {k: np.ascontiguousarray(v) for k, v in family.eval_feeds(1)[0].items()}
         for variant in [v for v in variants if v in family.variant_names]:
             path = family.variant_path(variant)
             for label in labels:

@@ -178,7 +178,7 @@ def replay(dep: Deployment, rt: Runtime, cfg: SloConfig, duration_s: float, *, r
            actions: Sequence[tuple[float, Callable[[], None]]] = (), keep: bool = True) -> list[Future]:
     """Submit the config's seeded trace open loop, running ``actions`` when they fall due. ``keep=False``:
     hold only the futures not yet resolved (a soak must not grow by what it keeps itself)."""
-    trace = make_trace(cfg, {t: len(dep.inputs(t)) for t in cfg.task_names}, duration_s=duration_s,
+    trace = make_trace(cfg, {t: dep.sample_count(t) for t in cfg.task_names}, duration_s=duration_s,
                        rate_scale=rate_scale)
     todo = sorted(actions, key=lambda a: a[0])
     futures: list[Future] = []
@@ -189,8 +189,7 @@ def replay(dep: Deployment, rt: Runtime, cfg: SloConfig, duration_s: float, *, r
         delay = it.t_s - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
-        x = dep.inputs(it.task)
-        futures.append(rt.submit(it.task, {dep.families[it.task].manifest.input.name: x[it.sample: it.sample + 1]}))
+        futures.append(rt.submit(it.task, dep.request_inputs(it.task, it.sample)))
         if not keep and len(futures) >= 1000:
             pending = []
             for f in futures:  # one look per future: one that ends meanwhile stays pending

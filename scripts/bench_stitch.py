@@ -55,8 +55,7 @@ def bench(zoo: Path, tasks: list[str], ks: list[int], variants: list[str], round
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
             family = load_family(zoo / task)
-            x1 = family.eval_data(1)[0]
-            feeds = {family.manifest.input.name: x1}
+            feeds = family.eval_feeds(1)[0]
             names = [v for v in variants if v in family.variant_names]
             for k in ks:
                 part = partition_family(family, Path(tmp) / f"{task}-k{k}", k=k)

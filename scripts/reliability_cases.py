@@ -195,7 +195,7 @@ def _models() -> None:
     case("onnx_dangling_tensor", cat, lambda t: init(t, _edit_graph(_dangling)), ModelError, "ghost")
     case("onnx_cycle", cat, lambda t: init(t, _edit_graph(_cycle)), ModelError, "exported.onnx")
     case("onnx_opset_99", cat, lambda t: init(t, mlp(opset=99)), ModelError, "exported.onnx", "99")
-    case("onnx_two_inputs", cat, lambda t: init(t, _edit_graph(_two_inputs)), ModelError, "one input")
+    case("onnx_two_inputs", cat, lambda t: init(t, _edit_graph(_two_inputs)), ManifestError, "no array")
     case("onnx_nan_weights", cat, lambda t: init(t, _edit_graph(_nan)), ModelError, "non-finite")
     case("onnx_weight_shape_mismatch", cat, lambda t: init(t, _edit_graph(_wrong_weight_shape)), ModelError,
          "exported.onnx")

@@ -42,7 +42,7 @@ def test_peers_choose_the_sv_lo_np_variant(dep, synth_family):
 @pytest.mark.parametrize("name", PEERS)
 def test_a_peer_serves_the_trace_with_one_record_per_request(dep, name):
     run = run_peer(dep, name, duration_s=1.0, progress=False)
-    n_samples = {t: len(dep.inputs(t)) for t in dep.config.task_names}
+    n_samples = {t: dep.sample_count(t) for t in dep.config.task_names}
     trace = make_trace(dep.config, n_samples, duration_s=1.0)
     assert len(run.records) == len(trace) > 0 and not run.errors
     assert sorted(r.id for r in run.records) == list(range(len(trace)))
@@ -66,12 +66,11 @@ def test_peer_outputs_match_onnxruntime(dep, name):
 
     m = peer_models(dep)["synthetic"]
     ref = ort.InferenceSession(str(m.path), providers=["CPUExecutionProvider"])
-    x = dep.inputs("synthetic")[:12]
     server = peer_server(dep, name)
-    futures = [server.submit("synthetic", {m.input_name: x[i: i + 1]}) for i in range(len(x))]
+    futures = [server.submit("synthetic", dep.request_inputs("synthetic", i)) for i in range(12)]
     server.close()
     for i, f in enumerate(futures):
-        want = ref.run([m.output_name], {m.input_name: x[i: i + 1]})[0]
+        want = ref.run([m.output_name], dep.request_inputs("synthetic", i))[0]
         if name == "ort-plain":
             np.testing.assert_array_equal(f.result(), want)
         else:  # OpenVINO in f32: the same figures to float rounding

@@ -131,7 +131,7 @@ def test_simulate_runs_every_policy_on_the_real_runs_trace(setup, synth_family, 
     root, dev_path, _est = setup
     dep = Deployment.from_config(write_config(root, dev_path, synth_family, synth_partition))
     lat = LatencyModel.from_dataset(load_profile_dataset(root / "data"))
-    trace = make_trace(dep.config, {t: len(dep.inputs(t)) for t in dep.config.task_names})
+    trace = make_trace(dep.config, {t: dep.sample_count(t) for t in dep.config.task_names})
     for name in POLICIES:
         res = simulate(dep, name, lat)
         assert res.simulated and res.requests == len(trace) == len(res.records)

@@ -14,7 +14,7 @@ import json
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,18 +66,17 @@ def select_configs(variants: Sequence[str], k: int, max_configs: int, seed: int,
     return sorted(chosen), False
 
 
-def bs1_latency(model_or_path: Any, x1: np.ndarray, input_name: str, *, repeats: int, name: str) -> dict[str, float]:
+def bs1_latency(model_or_path: Any, feeds: Mapping[str, np.ndarray], *, repeats: int, name: str) -> dict[str, float]:
     sess = session(model_or_path if not isinstance(model_or_path, Path) else load_model(model_or_path), name=name, threads=1)
-    feeds = {input_name: x1}
     return time_call(lambda: sess.run(None, feeds), warmup=3, repeats=repeats).as_dict()
 
 
-def measure_variants(family: Family, x1: np.ndarray, *, repeats: int) -> list[dict[str, Any]]:
+def measure_variants(family: Family, x1: Mapping[str, np.ndarray], *, repeats: int) -> list[dict[str, Any]]:
     """Each original variant's accuracy and batch-1 latency (median and p90)."""
     variants = []
     for v in family.variants:
         acc = measure_accuracy(family, family.variant_path(v.name))
-        lat = bs1_latency(family.variant_path(v.name), x1, family.manifest.input.name, repeats=repeats, name=v.name)
+        lat = bs1_latency(family.variant_path(v.name), x1, repeats=repeats, name=v.name)
         variants.append({
             "name": v.name, "kind": v.kind, "sparsity": v.sparsity, "precision": v.precision,
             "accuracy": acc, "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
@@ -86,7 +85,7 @@ def measure_variants(family: Family, x1: np.ndarray, *, repeats: int) -> list[di
     return variants
 
 
-def measure_configs(partition: Partition, family: Family, configs: Sequence[tuple[str, ...]], x1: np.ndarray, *,
+def measure_configs(partition: Partition, family: Family, configs: Sequence[tuple[str, ...]], x1: Mapping[str, np.ndarray], *,
                     repeats: int, show: bool) -> list[dict[str, Any]]:
     """Each config's accuracy (stitched as a chain) and its merged model's batch-1 latency."""
     task = family.task
@@ -95,8 +94,7 @@ def measure_configs(partition: Partition, family: Family, configs: Sequence[tupl
     bar = Progress(len(configs), f"{task}: latency of {len(configs)} merged configs", enabled=show)
     rows = []
     for c in configs:
-        lat = bs1_latency(merge_config(partition, c), x1, family.manifest.input.name, repeats=repeats,
-                          name="|".join(c))
+        lat = bs1_latency(merge_config(partition, c), x1, repeats=repeats, name="|".join(c))
         rows.append({
             "config": list(c), "stitched": len(set(c)) > 1, "measured": True, "accuracy": accuracy[c],
             "latency_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
@@ -120,7 +118,7 @@ def demo_task(
     t0 = time.perf_counter()
     task = family.task
     partition: Partition = partition_family(family, out / "partitions" / task, k=k, progress=say if show else None)
-    x1 = family.eval_data()[0][:1]
+    x1 = family.eval_feeds(1)[0]
     names = list(partition.variants)
     say(f"{task}: measuring {len(names)} original variants")
     variants = measure_variants(family, x1, repeats=repeats)

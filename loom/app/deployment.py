@@ -208,11 +208,11 @@ class Deployment:
             lat, floor = self.config.slo_at(t.name, 0.0)
             manifest = self.families[t.name].manifest
             # checked by the runtime: the inputs at submit, the outputs before a request resolves
-            spec, result = manifest.input, manifest.output
+            result = manifest.output
             out.append(TaskBinding(task=t.name, candidates=plans[t.name], block_paths=self.block_paths(t.name),
                                    latency_ms=lat, accuracy_floor=floor, priority=t.priority,
                                    output_name=result.name,
-                                   inputs={spec.name: (spec.dtype or "float32", tuple(spec.shape) or None)},
+                                   inputs={s.name: (s.dtype or "float32", tuple(s.shape) or None) for s in manifest.inputs},
                                    outputs={result.name: (result.dtype or "float32", tuple(result.shape) or None)}))
         return out
 
@@ -243,10 +243,19 @@ class Deployment:
         self.steer(rt.scheduler, policy.name, bindings, mix)
         return rt
 
-    def inputs(self, task: str) -> np.ndarray:
+    def inputs(self, task: str) -> dict[str, np.ndarray]:
+        """The task's evaluation inputs (input name -> array over samples), read once."""
         if task not in self._inputs:
-            self._inputs[task] = self.families[task].eval_data()[0]
+            self._inputs[task] = self.families[task].eval_feeds()[0]
         return self._inputs[task]
+
+    def sample_count(self, task: str) -> int:
+        """How many evaluation samples the task's requests can draw from."""
+        return len(next(iter(self.inputs(task).values())))
+
+    def request_inputs(self, task: str, sample: int) -> dict[str, np.ndarray]:
+        """One request's inputs: evaluation sample ``sample`` of every input, batch 1."""
+        return {name: x[sample: sample + 1] for name, x in self.inputs(task).items()}
 
 
 def _shared_store(cfg: SloConfig, parts: list[Partition]) -> BlockStore:

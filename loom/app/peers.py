@@ -51,7 +51,7 @@ class PeerModel:
     path: Path
     #: the variant's measured accuracy (family manifest; else the estimators')
     accuracy: float | None
-    input_name: str
+    input_names: list[str]
     output_name: str
 
 
@@ -65,7 +65,7 @@ def peer_models(dep: Deployment) -> dict[str, PeerModel]:
         acc = fam.variant(variant).accuracy
         if acc is None:
             acc = dep.spaces[task].variant_accuracy.get(variant)
-        out[task] = PeerModel(task, variant, fam.variant_path(variant), acc, fam.manifest.input.name,
+        out[task] = PeerModel(task, variant, fam.variant_path(variant), acc, fam.input_names,
                               fam.manifest.output.name)
     return out
 
@@ -96,7 +96,7 @@ class PeerServer(ABC):
         self.models = peer_models(dep)
         self._slo = {t.name: dep.config.slo_at(t.name, 0.0) for t in dep.config.tasks}
         #: one real input per task, for warming the engines
-        self._warm = {t: {m.input_name: dep.inputs(t)[:1]} for t, m in self.models.items()}
+        self._warm = {t: dep.request_inputs(t, 0) for t in self.models}
         self._on_record = on_record
         self._lock = threading.Lock()
         self._next_id = 0

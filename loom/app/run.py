@@ -70,7 +70,7 @@ def trace_of(dep: Deployment, duration_s: float | None, rate_scale: float) -> tu
     """The run's duration and the config's seeded trace for it (the same for every policy and peer)."""
     cfg = dep.config
     duration = cfg.run.duration_s if duration_s is None else duration_s
-    n_samples = {t: len(dep.inputs(t)) for t in cfg.task_names}
+    n_samples = {t: dep.sample_count(t) for t in cfg.task_names}
     return duration, make_trace(cfg, n_samples, duration_s=duration, rate_scale=rate_scale)
 
 
@@ -104,8 +104,7 @@ def _replay(dep: Deployment, rt: Runtime, trace: Sequence[TraceItem], timeline: 
         delay = it.t_s - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
-        x = dep.inputs(it.task)
-        futures.append(rt.submit(it.task, {dep.families[it.task].manifest.input.name: x[it.sample: it.sample + 1]}))
+        futures.append(rt.submit(it.task, dep.request_inputs(it.task, it.sample)))
         if label is not None and it.t_s >= next_report:
             say(f"{label}: {it.t_s:5.1f}/{duration_s:.0f} s, {len(futures)} requests, {rt.stats()['in_flight']} in flight")
             next_report += max(1.0, duration_s / 10)

@@ -82,20 +82,18 @@ def measured_bound(dep: Deployment, policy: str = "sparseloom", *, seconds: floa
     bound, measured, not the fluid bound).
     """
     cfg = dep.config
-    trace = make_trace(cfg, {t: len(dep.inputs(t)) for t in cfg.task_names}, duration_s=max(cfg.run.duration_s, 5.0))
+    trace = make_trace(cfg, {t: dep.sample_count(t) for t in cfg.task_names}, duration_s=max(cfg.run.duration_s, 5.0))
     if not trace:
         raise ConfigError(f"{cfg.source}: the trace has no request: no mix to saturate the processors with")
     collector = MetricsCollector()
     rt = dep.runtime(policy, on_record=collector.record)
-    names = {t: dep.families[t].manifest.input.name for t in cfg.task_names}
     turn = itertools.count()
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
             it = trace[next(turn) % len(trace)]
-            x = dep.inputs(it.task)
-            fut = rt.submit(it.task, {names[it.task]: x[it.sample: it.sample + 1]}, deadline_ms=_NO_BOUND_MS)
+            fut = rt.submit(it.task, dep.request_inputs(it.task, it.sample), deadline_ms=_NO_BOUND_MS)
             with contextlib.suppress(Exception):  # a failed request is simply not counted
                 fut.result()
 

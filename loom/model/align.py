@@ -198,12 +198,12 @@ def _check_meaning(family: Family, indexes: dict[str, GraphIndex], cuts: list[Cu
     """Activations at each cut, every variant against the dense one; fills ``report``."""
     ref = family.reference_variant().name
     ri = indexes[ref]
-    x = family.calib_data(calib_samples)
+    feeds = family.calib_feeds(calib_samples)
     taps = sorted({t for c in cuts for t in c.tensors if t not in ri.graph_inputs})
     acts: dict[str, dict[str, np.ndarray]] = {}
     for name, idx in indexes.items():
         sess = session(with_taps(idx.model, taps), name=str(family.variant_path(name)))
-        acts[name] = run_batched(sess, {ri.graph_inputs[0]: x}, taps)
+        acts[name] = run_batched(sess, feeds, taps)
     failed: set[tuple[str, ...]] = set()
     for cand in cuts:
         for name in indexes:

@@ -155,16 +155,15 @@ def _reads(idx: GraphIndex, i: int) -> list[str]:
 
 def verify_chains(partition: Partition, family: Family, *, samples: int = 64) -> dict[str, dict[str, Any]]:
     """Max abs difference between each variant and its chain of blocks on evaluation inputs."""
-    x, _ = family.eval_data(samples)
-    input_name = family.manifest.input.name
+    feeds, _ = family.eval_feeds(samples)
     out_name = family.manifest.output.name
     result: dict[str, dict[str, Any]] = {}
     for name in partition.variants:
         precision = family.variant(name).precision
         fusions = precision == "fp32"  # fp32 rounding barely depends on fusions; QDQ and casts do
         full = session(load_model(family.variant_path(name)), name=name, fusions=fusions)
-        want = run_batched(full, {input_name: x})[out_name]
-        env = {input_name: x}
+        want = run_batched(full, feeds)[out_name]
+        env = dict(feeds)
         for bid in partition.variants[name]:
             info = partition.blocks[bid]
             block = session(load_model(partition.block_path(bid), check=False), name=bid, fusions=fusions)

@@ -29,12 +29,18 @@ class TensorSpec(Strict):
     #: None (or a string) marks a free axis, normally the batch axis
     shape: list[int | str | None] = Field(default_factory=list)
     dtype: Literal["float32", "int64", "int32"] = "float32"
+    #: the array in the data files that feeds this input (default: ``x`` for a model with
+    #: one input, the input's own name for a model with several)
+    data: str | None = None
 
 
 class Metric(Strict):
     #: top1: accuracy against real labels. agreement: top-1 agreement with the dense
     #: variant on real inputs, the honest stand-in where no labels exist offline.
-    name: Literal["top1", "agreement"] = "top1"
+    #: ctc: exact-match sequence accuracy after greedy CTC decoding of a [N, T, C] output
+    #: (labels: class ids padded with -1; ``blank`` is the CTC blank class).
+    name: Literal["top1", "agreement", "ctc"] = "top1"
+    blank: int = Field(default=0, ge=0)
 
 
 class DataSpec(Strict):
@@ -79,7 +85,8 @@ class Manifest(Strict):
     schema_version: Literal[1] = 1
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     description: str = ""
-    input: TensorSpec
+    #: every graph input, in the model's order (``input:`` with one spec is read as a list of one)
+    inputs: list[TensorSpec] = Field(min_length=1)
     output: TensorSpec
     num_classes: int = Field(gt=1)
     metric: Metric = Metric()
@@ -88,13 +95,48 @@ class Manifest(Strict):
     variants: list[Variant] = Field(min_length=1)
     cuts: list[Cut] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_input_form(cls, data: object) -> object:
+        """Accept the one-input form ``input: {...}`` of older manifests."""
+        if isinstance(data, dict) and "input" in data:
+            if "inputs" in data:
+                raise ValueError("give either input (one) or inputs (a list), not both")
+            data = {("inputs" if k == "input" else k): ([v] if k == "input" else v) for k, v in data.items()}
+        return data
+
+    @field_validator("inputs")
+    @classmethod
+    def _unique_inputs(cls, inputs: list[TensorSpec]) -> list[TensorSpec]:
+        names = [i.name for i in inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"input names must be unique; repeated: {dupes}")
+        return inputs
+
     @field_validator("eval_data")
     @classmethod
     def _labels_for_top1(cls, spec: DataSpec, info: ValidationInfo) -> DataSpec:
         metric = info.data.get("metric")
-        if metric is not None and metric.name == "top1" and not spec.y:
-            raise ValueError("metric 'top1' needs labels: name the label array in y (or use metric 'agreement')")
+        if metric is not None and metric.name in ("top1", "ctc") and not spec.y:
+            raise ValueError(f"metric {metric.name!r} needs labels: name the label array in y (or use metric 'agreement')")
         return spec
+
+    @property
+    def input(self) -> TensorSpec:
+        """The one input of a one-input model (``ManifestError`` for a model with several)."""
+        if len(self.inputs) != 1:
+            raise ManifestError(f"task {self.task!r} has {len(self.inputs)} inputs {self.input_names}: "
+                                "read them with Family.eval_feeds / calib_feeds")
+        return self.inputs[0]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    def data_array(self, spec: TensorSpec, data: DataSpec) -> str:
+        """The array of ``data`` that feeds input ``spec``."""
+        return spec.data or (data.x if len(self.inputs) == 1 else spec.name)
 
     @field_validator("variants")
     @classmethod
@@ -158,16 +200,32 @@ class Family:
         except Exception as exc:
             raise ManifestError(f"{self.path}: {field}.file: cannot read {path}: {exc}") from exc
 
-    def eval_data(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    @property
+    def input_names(self) -> list[str]:
+        return self.manifest.input_names
+
+    def _feeds(self, spec: DataSpec, data: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
+        return {i.name: data[self.manifest.data_array(i, spec)][:limit] for i in self.manifest.inputs}
+
+    def eval_feeds(self, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The evaluation inputs (input name -> array, first ``limit`` samples) and labels."""
         spec = self.manifest.eval_data
         data = self._load_npz(spec, "eval_data")
-        x = data[spec.x][:limit]
-        y = data[spec.y][:limit] if spec.y else None
-        return x, y
+        return self._feeds(spec, data, limit), (data[spec.y][:limit] if spec.y else None)
+
+    def calib_feeds(self, limit: int | None = None) -> dict[str, np.ndarray]:
+        """The calibration inputs (input name -> array)."""
+        spec = self.manifest.calib_data
+        return self._feeds(spec, self._load_npz(spec, "calib_data"), limit)
+
+    def eval_data(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The one input's evaluation array and the labels (one-input models; see ``eval_feeds``)."""
+        feeds, y = self.eval_feeds(limit)
+        return feeds[self.manifest.input.name], y
 
     def calib_data(self, limit: int | None = None) -> np.ndarray:
-        spec = self.manifest.calib_data
-        return self._load_npz(spec, "calib_data")[spec.x][:limit]
+        """The one input's calibration array (one-input models; see ``calib_feeds``)."""
+        return self.calib_feeds(limit)[self.manifest.input.name]
 
     # -- writing -------------------------------------------------------------------
     def save(self) -> Path:
@@ -200,10 +258,16 @@ def _check_files(manifest: Manifest, root: Path, *, allow_outside: bool = False)
         except Exception as exc:
             problems.append(f"{field}.file: {spec.file!r} is not a readable .npz ({exc})")
             continue
-        for key_field in ("x", "y"):
-            key = getattr(spec, key_field, None)
-            if key and key not in keys:
-                problems.append(f"{field}.{key_field}: {spec.file!r} has no array {key!r} (has {sorted(keys)})")
+        if spec.y and spec.y not in keys:
+            problems.append(f"{field}.y: {spec.file!r} has no array {spec.y!r} (has {sorted(keys)})")
+        for i, tensor in enumerate(manifest.inputs):
+            key = manifest.data_array(tensor, spec)
+            if key == spec.y:
+                problems.append(f"inputs[{i}]: input {tensor.name!r} would read {spec.file!r}'s label array {key!r}; "
+                                "name its array in inputs[].data")
+            elif key not in keys:
+                where = f"inputs[{i}].data" if tensor.data else (f"{field}.x" if len(manifest.inputs) == 1 else f"inputs[{i}].name")
+                problems.append(f"{where}: {spec.file!r} has no array {key!r} for input {tensor.name!r} (has {sorted(keys)})")
     for i, variant in enumerate(manifest.variants):
         outside = None if allow_outside else _outside(root, variant.file, f"variants[{i}].file")
         if outside:

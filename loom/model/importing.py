@@ -11,6 +11,7 @@ batch-1 runs. What cannot be normalized is a ``ModelError`` naming the op or the
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,10 @@ class Imported:
     notes: list[str] = field(default_factory=list)
 
 
-def normalize_model(model: onnx.ModelProto, *, name: str, sample: np.ndarray | None = None) -> Imported:
-    """A normalized copy of ``model`` and what was done to it; ``sample``: a few real inputs."""
+def normalize_model(model: onnx.ModelProto, *, name: str,
+                    sample: np.ndarray | Mapping[str, np.ndarray] | None = None) -> Imported:
+    """A normalized copy of ``model`` and what was done to it; ``sample``: a few real inputs
+    (one array for a one-input model, else input name -> array)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     notes: list[str] = []
@@ -66,11 +69,22 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=vi.name, shape=dims, dtype=dtype)  # type: ignore[arg-type]
 
 
-def read_sample(path: Path, field: str) -> np.ndarray:
-    """The first inputs of a data file, read before anything is written."""
+def read_sample(path: Path, field: str, inputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The first two samples of every input in a data file, read before anything is written.
+
+    A model with one input reads array ``x``; one with several reads the array named
+    after each input (``inputs``).
+    """
+    arrays = {name: name for name in inputs} if len(inputs) > 1 else {(inputs[0] if inputs else "x"): "x"}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return data["x"][:2]
+            missing = sorted(a for a in arrays.values() if a not in data.files)
+            if missing:
+                raise ManifestError(f"{field}: {path} has no array(s) {missing} for the model's inputs "
+                                    f"(has {sorted(data.files)})")
+            return {name: data[a][:2] for name, a in arrays.items()}
+    except ManifestError:
+        raise
     except Exception as exc:
         raise ManifestError(f"{field}: cannot read {path}: {exc}") from exc
 
@@ -252,10 +266,12 @@ def _batch_reshapes(m: onnx.ModelProto, name: str, batch: str, notes: list[str])
             return
 
 
-def _feeds(m: onnx.ModelProto, sample: np.ndarray | None) -> dict[str, np.ndarray]:
+def _feeds(m: onnx.ModelProto, sample: np.ndarray | Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     inputs = _graph_inputs(m)
-    if sample is not None and len(inputs) == 1 and len(sample) >= 2:
-        return {inputs[0].name: sample[:2]}
+    if isinstance(sample, np.ndarray) and len(inputs) == 1:
+        sample = {inputs[0].name: sample}
+    if sample is not None and all(vi.name in sample and len(sample[vi.name]) >= 2 for vi in inputs):
+        return {vi.name: np.asarray(sample[vi.name][:2]) for vi in inputs}
     rng = np.random.default_rng(0)
     feeds = {}
     for vi in inputs:
@@ -265,7 +281,7 @@ def _feeds(m: onnx.ModelProto, sample: np.ndarray | None) -> dict[str, np.ndarra
     return feeds
 
 
-def _check_batch_runs(m: onnx.ModelProto, name: str, sample: np.ndarray | None) -> None:
+def _check_batch_runs(m: onnx.ModelProto, name: str, sample: np.ndarray | Mapping[str, np.ndarray] | None) -> None:
     """A batch of 2 must give exactly what two batch-1 runs give (nothing mixes samples)."""
     feeds = _feeds(m, sample)
     sess = session(m, name=name)

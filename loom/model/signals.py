@@ -20,10 +20,10 @@ def cut_activations(
     partition: Partition, family: Family, *, samples: int = 32
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{variant: {cut tensor: activations on the first calibration samples}}``."""
-    x = family.calib_data(samples)
-    taps = sorted({t for cut in partition.cuts for t in cut if t != family.manifest.input.name})
+    feeds = family.calib_feeds(samples)
+    taps = sorted({t for cut in partition.cuts for t in cut if t not in feeds})
     out: dict[str, dict[str, np.ndarray]] = {}
     for name in partition.variants:
         model = with_taps(load_model(family.variant_path(name)), taps)
-        out[name] = run_batched(session(model, name=name), {family.manifest.input.name: x}, taps)
+        out[name] = run_batched(session(model, name=name), feeds, taps)
     return out

@@ -17,9 +17,10 @@ import onnx
 from backends.base import Backend, LoadedBlock
 from loom.core.errors import ManifestError
 from loom.core.onnxutil import MAX_IR_VERSION, load_model, node_inputs
-from loom.core.runref import predicted_classes, run_batched, session, top1_accuracy
+from loom.core.runref import predicted_classes, run_batched, session
 from loom.model.family import Family
 from loom.model.partition import Partition
+from loom.model.scoring import score, targets
 
 Config = tuple[str, ...]
 
@@ -167,8 +168,7 @@ def evaluate_config(
     refused (its variants' own outputs were checked finite when they were made).
     """
     family = family or partition.family()
-    x, y = family.eval_data(limit)
-    feeds = {family.manifest.input.name: x}
+    feeds, y = family.eval_feeds(limit)
     out_name = family.manifest.output.name
     if merged:
         logits = run_batched(session(merge_config(partition, config), name="|".join(config)), feeds)[out_name]
@@ -176,14 +176,11 @@ def evaluate_config(
         with StitchedModel(partition, config) as model:
             logits = model.run(feeds, batch=64)[out_name]
     what = f"config {'|'.join(config)}: output {out_name!r}"
-    if family.manifest.metric.name == "top1":
-        if y is None:
-            raise ManifestError(f"{family.path}: metric top1 needs eval_data.y")
-        return top1_accuracy(logits, y, name=what, nonfinite="wrong")
-    if reference is None:
-        dense = family.reference_variant().name
-        reference = run_batched(session(load_model(family.variant_path(dense)), name=dense), feeds)[out_name]
-    return top1_accuracy(logits, predicted_classes(reference, name="reference"), name=what, nonfinite="wrong")
+    if reference is not None and family.manifest.metric.name == "agreement":
+        target = predicted_classes(reference, name="reference")
+    else:
+        target = targets(family, feeds, y)
+    return score(family, logits, target, name=what, nonfinite="wrong")
 
 
 def evaluate_configs(
@@ -205,11 +202,10 @@ def evaluate_configs(
     measuring configs a few at a time (active sampling) does not reload every block.
     """
     family = family or partition.family()
-    x, y = family.eval_data()
-    input_name = family.manifest.input.name
+    feeds, y = family.eval_feeds()
     out_name = family.manifest.output.name
     wanted = [check_config(partition, c) for c in configs]
-    labels = _labels(family, x, y)
+    labels = targets(family, feeds, y)
     if sessions is None:
         sessions = {}
 
@@ -234,24 +230,13 @@ def evaluate_configs(
             out = run_block(partition.variants[variant][s], env)
             config = (*prefix, variant)
             if s == partition.k - 1:
-                acc = top1_accuracy(out[out_name], labels, name=f"config {'|'.join(config)}", nonfinite="wrong")
+                acc = score(family, out[out_name], labels, name=f"config {'|'.join(config)}", nonfinite="wrong")
                 results[config] = acc
                 if on_done:
                     on_done(config, acc)
             else:
                 walk(child, config, {**env, **out})
 
-    walk(tree, (), {input_name: x})
+    walk(tree, (), dict(feeds))
     return {c: results[c] for c in wanted}
 
-
-def _labels(family: Family, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-    """What top-1 is scored against: the labels, or the dense variant's own predictions."""
-    if family.manifest.metric.name == "top1":
-        if y is None:
-            raise ManifestError(f"{family.path}: metric top1 needs eval_data.y")
-        return y
-    dense = family.reference_variant().name
-    ref = run_batched(session(load_model(family.variant_path(dense)), name=dense),
-                      {family.manifest.input.name: x})
-    return predicted_classes(ref[family.manifest.output.name], name=f"{dense}: output {family.manifest.output.name!r}")

@@ -7,9 +7,6 @@ How each kind is made and why: ``docs/model.md``.
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +18,11 @@ from onnx import numpy_helper
 from loom.core.atomic import staged_file, staged_folder
 from loom.core.errors import ManifestError, ModelError
 from loom.core.onnxutil import infer_shapes, load_model, save_model
-from loom.core.runref import predicted_classes, run_batched, session, top1_accuracy
-from loom.model.cuts import GraphIndex, candidate_cuts
+from loom.core.runref import predicted_classes, run_batched, session
 from loom.model.family import DataSpec, Family, Manifest, Metric, Variant, load_family
 from loom.model.importing import normalize_model, read_sample, tensor_spec
+from loom.model.precision import CHANNELWISE, convert_fp16, preserved_tensors, quantize_int8
+from loom.model.scoring import score, targets
 
 Progress = Callable[[str], None]
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}
@@ -89,12 +87,6 @@ def weight_sparsity(model: onnx.ModelProto) -> float:
 
 
 # -- structured ------------------------------------------------------------------------------
-#: ops that act on each channel independently: a pruned channel stays pruned through them
-CHANNELWISE = {
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "Elu", "Selu", "Softplus",
-    "HardSigmoid", "HardSwish", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt",
-    "Pow", "BatchNormalization", "PRelu", "MaxPool", "AveragePool", "Dropout",
-}
 
 
 @dataclass
@@ -278,171 +270,19 @@ def prune_structured(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.Mode
     return out, len(groups)
 
 
-# -- which tensors must survive compression ---------------------------------------------------
-def preserved_tensors(model: onnx.ModelProto, *, max_tensors: int = 2) -> list[str]:
-    """Tensors of the model's candidate cuts that quantization and fp16 must keep float.
-
-    Only the cheapest cuts (fewest tensors) are protected: protecting every two-tensor
-    cut inside residual blocks would keep most activations float and undo int8's gain.
-    """
-    index = GraphIndex.build(model)
-    cands = candidate_cuts(index, max_tensors=max_tensors)
-    if not cands:
-        return []
-    fewest = min(c.produced for c in cands)
-    inputs = {i.name for i in model.graph.input}
-    keep = {t for c in cands if c.produced == fewest for t in c.tensors if t not in inputs}
-    # A tensor read only by an activation whose output is itself kept (conv -> relu,
-    # add -> relu) needs no protection of its own: cut after the activation instead.
-    nodes = model.graph.node
-    redundant = {
-        t for t in keep
-        if (readers := index.readers.get(t, []))
-        and all(nodes[r].op_type in CHANNELWISE and nodes[r].output[0] in keep for r in readers)
-    }
-    return sorted(keep - redundant)
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
-
-
-def _writers(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
-    want = set(tensors)
-    return [n.name for n in model.graph.node if want & set(n.output)]
-
-
-# -- int8 --------------------------------------------------------------------------------------
-def quantize_int8(
-    model: onnx.ModelProto,
-    calib: np.ndarray,
-    *,
-    preserve: Sequence[str] = (),
-    per_channel: bool = True,
-) -> onnx.ModelProto:
-    """Static QDQ int8 (uint8 activations, 7-bit-range int8 per-channel weights), cut tensors kept float.
-
-    PROBE.md: int8 *signed* activations fuse poorly in onnxruntime's CPU kernels (slower
-    than fp32), uint8 activations run 3x faster; dynamic quantization is 5x slower on convs.
-
-    ``reduce_range``: onnxruntime's fused u8s8 kernels on x86 CPUs *without* VNNI (AVX2
-    only, e.g. the AMD EPYC CI runners) add pairs of u8*s8 products in 16 bits, which
-    saturates with full-range weights: the same int8 model scored 98.6% on an AVX512-VNNI
-    machine and 68.9% on an AVX2 one (with the graph optimizations that fuse QDQ into
-    QLinearConv; 98.6% without them). Weights in [-64, 63] cannot saturate anywhere.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    src = _copy(model)
-    _name_nodes(src)
-    del src.graph.value_info[:]
-    input_name = next(i.name for i in src.graph.input if i.name not in {t.name for t in src.graph.initializer})
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter([{input_name: calib[i : i + 16]} for i in range(0, len(calib), 16)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
-    # The quantizer logs a pre-processing hint at WARNING on every call; its pre-processing
-    # (graph fusion) is exactly what must not run here, since it can move the cuts.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    with tempfile.TemporaryDirectory() as tmp:
-        src_path, dst_path = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        save_model(src, src_path)
-        quantize_static(
-            str(src_path), str(dst_path), Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-            reduce_range=True,
-            nodes_to_exclude=_writers(src, preserve),
-        )
-        out = onnx.load(str(dst_path))
-    out.ir_version = min(out.ir_version, 10)
-    return out
-
-
-# -- fp16 --------------------------------------------------------------------------------------
-def convert_fp16(model: onnx.ModelProto, *, preserve: Sequence[str] = ()) -> onnx.ModelProto:
-    """Float16 everywhere but the graph's inputs, outputs and the ``preserve`` tensors.
-
-    The nodes writing the cut tensors run in float32 (the converter puts casts around
-    them), so a block boundary always carries float32, whatever the slot's precision.
-    """
-    from onnxconverter_common import float16
-
-    src = _copy(model)
-    _name_nodes(src)
-    del src.graph.value_info[:]
-    with warnings.catch_warnings():
-        # "the float32 number 6.9e-08 will be truncated to 1e-07": expected of fp16, per weight
-        warnings.simplefilter("ignore", UserWarning)
-        out = float16.convert_float_to_float16(
-            src, keep_io_types=True, node_block_list=_writers(src, preserve), disable_shape_infer=False
-        )
-    _restore_names(src, out, preserve)
-    out.ir_version = min(out.ir_version, 10)
-    return out
-
-
-def _restore_names(src: onnx.ModelProto, out: onnx.ModelProto, preserve: Sequence[str]) -> None:
-    """Make each preserved tensor name float32 again, written by its original node.
-
-    onnxconverter-common keeps a blocked node in float32 but renames its output
-    (``X`` -> ``X_output_cast_0``) and either feeds it to a Cast back to float16 that
-    takes the old name, or, when the next node is blocked too, leaves the new name.
-    Both are undone here by swapping names, so that ``X`` is the float32 tensor and the
-    float16 copy (if any) is ``X__fp16``.
-    """
-    want = set(preserve)
-    original = {n.name: list(n.output) for n in src.graph.node}
-    renames: dict[str, str] = {}
-    for node in out.graph.node:
-        for j, (old, new) in enumerate(zip(original.get(node.name, []), list(node.output), strict=False)):
-            if old in want and old != new:
-                renames[new] = old  # float32 tensor gets the original name back
-                renames[old] = f"{old}__fp16"  # the Cast's float16 output, if there is one
-                node.output[j] = new  # renamed below with everything else
-    if not renames:
-        return
-    for node in out.graph.node:
-        for seq in (node.input, node.output):
-            for j, x in enumerate(seq):
-                if x in renames:
-                    seq[j] = renames[x]
-    for o in out.graph.output:
-        if o.name in renames:
-            o.name = renames[o.name]
-    kept = [vi for vi in out.graph.value_info if vi.name not in renames and vi.name not in renames.values()]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(kept)
-
-
 # -- families ----------------------------------------------------------------------------------
 def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None, label: str = "") -> float:
-    """The family's metric for the model at ``path`` (scored by ``top1_accuracy``; NaN/inf refused)."""
-    x, y = family.eval_data()
+    """The family's metric for the model at ``path`` (``scoring.score``; NaN/inf refused)."""
+    feeds, y = family.eval_feeds()
     sess = session(load_model(path), name=str(path))
     out_name = family.manifest.output.name
-    outputs = run_batched(sess, {family.manifest.input.name: x})[out_name]
+    outputs = run_batched(sess, feeds)[out_name]
     what = f"{label or path.name}: output {out_name!r}"
-    if family.manifest.metric.name == "top1":
-        if y is None:
-            raise ManifestError(f"{family.path}: metric top1 needs labels (eval_data.y)")
-        return top1_accuracy(outputs, y, name=what)
-    if reference is None:
-        raise ValueError("metric 'agreement' needs the dense variant's logits as reference")
-    return top1_accuracy(outputs, predicted_classes(reference, name="dense reference"), name=what)
+    if family.manifest.metric.name == "agreement":
+        if reference is None:
+            raise ValueError("metric 'agreement' needs the dense variant's logits as reference")
+        return score(family, outputs, predicted_classes(reference, name="dense reference"), name=what)
+    return score(family, outputs, targets(family, feeds, y), name=what)
 
 
 def init_family(
@@ -465,21 +305,24 @@ def init_family(
     leaves ``out_dir`` as it was.
     """
     out = Path(out_dir)
-    sample = read_sample(out / eval_file, "eval_data")
-    read_sample(out / calib_file, "calib_data")
-    imported = normalize_model(load_model(dense, check=False), name=str(dense), sample=sample)
+    raw = load_model(dense, check=False)
+    names = [i.name for i in raw.graph.input if i.name not in {t.name for t in raw.graph.initializer}]
+    sample = read_sample(out / eval_file, "eval_data", names)
+    read_sample(out / calib_file, "calib_data", names)
+    imported = normalize_model(raw, name=str(dense), sample=sample)
     model = imported.model
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise ModelError(f"{dense}: a family model needs one input and one output (has {len(inputs)} and {len(model.graph.output)})")
+    if not inputs or len(model.graph.output) != 1:
+        raise ModelError(f"{dense}: a family model needs at least one input and exactly one output "
+                         f"(has {len(inputs)} and {len(model.graph.output)})")
     made_by = made_by or "the dense model"
     if imported.notes:
         made_by += "; normalized on import: " + "; ".join(imported.notes)
     manifest = Manifest(
-        task=task, description=description, input=tensor_spec(inputs[0]), output=tensor_spec(model.graph.output[0]),
-        num_classes=num_classes, metric=Metric(name=metric),
-        eval_data=DataSpec(file=eval_file, y="y" if metric == "top1" else None),
+        task=task, description=description, inputs=[tensor_spec(i) for i in inputs],
+        output=tensor_spec(model.graph.output[0]), num_classes=num_classes, metric=Metric(name=metric),
+        eval_data=DataSpec(file=eval_file, y=None if metric == "agreement" else "y"),
         calib_data=DataSpec(file=calib_file, y=None),
         variants=[Variant(name="dense", file="dense.onnx", kind="dense", made_by=made_by)],
     )
@@ -537,10 +380,8 @@ def _reference(family: Family) -> np.ndarray | None:
     if family.manifest.metric.name != "agreement":
         return None
     dense = family.variant_path(family.reference_variant().name)
-    x, _ = family.eval_data()
-    return run_batched(session(load_model(dense), name=str(dense)), {family.manifest.input.name: x})[
-        family.manifest.output.name
-    ]
+    feeds, _ = family.eval_feeds()
+    return run_batched(session(load_model(dense), name=str(dense)), feeds)[family.manifest.output.name]
 
 
 def _add_made(family: Family, name: str, model: onnx.ModelProto, **record: object) -> None:
@@ -584,11 +425,11 @@ def make_variants(
     if int8:
         name = f"{suffix}int8"
         say(f"{family.task}: {name}")
-        calib = family.calib_data()
+        calib = family.calib_feeds()
         _add_made(family, name, quantize_int8(base, calib, preserve=keep), kind="int8", precision="int8",
                   sparsity=src_sparsity, fine_tuned="no",
                   made_by=f"loom: onnxruntime static QDQ int8 of {source} (uint8 activations, per-channel 7-bit-range int8 weights, "
-                          f"{len(calib)} calibration samples), cut tensors {keep} kept float")
+                          f"{len(next(iter(calib.values())))} calibration samples), cut tensors {keep} kept float")
     if fp16:
         name = f"{suffix}fp16"
         say(f"{family.task}: {name}")

@@ -100,8 +100,7 @@ def slot_inputs(partition: Partition, family: Family, *, samples: int = 1) -> li
     from loom.core.onnxutil import load_model
     from loom.core.runref import session
 
-    x, _ = family.eval_data(samples)
-    env: dict[str, np.ndarray] = {family.manifest.input.name: x}
+    env: dict[str, np.ndarray] = dict(family.eval_feeds(samples)[0])
     dense = family.reference_variant().name
     result = []
     for s, bid in enumerate(partition.variants[dense]):
