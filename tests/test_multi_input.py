@@ -141,3 +141,16 @@ def test_runtime_serves_both_inputs_through_the_chain(family, tmp_path: Path):
         with pytest.raises(Exception, match="attention_mask"):
             rt.submit("two-inputs", {"input_ids": feeds["input_ids"][:1]})
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_models_quantize_only_weighted_ops():
+    """int8 on a model with a Softmax (attention) leaves Add/Mul/Softmax float: the mask's
+    large negative bias cannot share one 8-bit scale with the scores."""
+    import onnx
+
+    from loom.model.precision import int8_op_types
+
+    model = onnx.load_from_string(encoder())
+    assert int8_op_types(model) is None
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], name="softmax"))
+    assert int8_op_types(model) == ["MatMul", "Gemm", "Conv"]

@@ -347,13 +347,23 @@ def add_variant(
     fine_tuned: str | None = None,
 ) -> Variant:
     """Record (or replace) a variant whose file is already in the family folder; measure it
-    (unless ``accuracy`` was measured already)."""
+    (unless ``accuracy`` was measured already).
+
+    The file is normalized as the dense model was (``importing``): a variant exported at an
+    older opset is converted, so that blocks of different variants can be merged into one
+    graph; what was done is added to ``made_by``.
+    """
     path = Path(path).resolve()
     try:
         file = str(path.relative_to(family.root.resolve()))
     except ValueError:
         raise ManifestError(f"{path}: a variant's file must be inside the family folder {family.root}") from None
-    load_model(path)
+    imported = normalize_model(load_model(path, check=False), name=str(path), sample=family.eval_feeds(2)[0])
+    if imported.notes:
+        with staged_file(path) as tmp:
+            save_model(imported.model, tmp)
+        made_by = "; ".join([made_by, "normalized on import: " + "; ".join(imported.notes)] if made_by else
+                            ["normalized on import: " + "; ".join(imported.notes)])
     if accuracy is None:
         accuracy = measure_accuracy(family, path, reference=_reference(family))
     variant = Variant(
