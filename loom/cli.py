@@ -105,7 +105,7 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     api.run_demo(a.zoo, a.out, k=a.k, tasks=a.tasks, max_configs=a.max_configs, sample=a.sample, repeats=a.repeats,
-                 seed=a.seed)
+                 seed=a.seed, eval_limit=a.eval_limit)
     return 0
 
 
@@ -366,6 +366,7 @@ def _demo_parser(sub: Commands) -> None:
     p.add_argument("--sample", type=int, default=120, help="else a seeded sample of this many, originals included")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-limit", type=int, help="score accuracy on the first N held-out samples of each task")
     p.set_defaults(fn=cmd_demo)
 
 

@@ -71,11 +71,12 @@ def bs1_latency(model_or_path: Any, feeds: Mapping[str, np.ndarray], *, repeats:
     return time_call(lambda: sess.run(None, feeds), warmup=3, repeats=repeats).as_dict()
 
 
-def measure_variants(family: Family, x1: Mapping[str, np.ndarray], *, repeats: int) -> list[dict[str, Any]]:
-    """Each original variant's accuracy and batch-1 latency (median and p90)."""
+def measure_variants(family: Family, x1: Mapping[str, np.ndarray], *, repeats: int,
+                     limit: int | None = None) -> list[dict[str, Any]]:
+    """Each original variant's accuracy (first ``limit`` samples) and batch-1 latency (median and p90)."""
     variants = []
     for v in family.variants:
-        acc = measure_accuracy(family, family.variant_path(v.name))
+        acc = measure_accuracy(family, family.variant_path(v.name), limit=limit)
         lat = bs1_latency(family.variant_path(v.name), x1, repeats=repeats, name=v.name)
         variants.append({
             "name": v.name, "kind": v.kind, "sparsity": v.sparsity, "precision": v.precision,
@@ -86,11 +87,11 @@ def measure_variants(family: Family, x1: Mapping[str, np.ndarray], *, repeats: i
 
 
 def measure_configs(partition: Partition, family: Family, configs: Sequence[tuple[str, ...]], x1: Mapping[str, np.ndarray], *,
-                    repeats: int, show: bool) -> list[dict[str, Any]]:
+                    repeats: int, show: bool, limit: int | None = None) -> list[dict[str, Any]]:
     """Each config's accuracy (stitched as a chain) and its merged model's batch-1 latency."""
     task = family.task
     bar = Progress(len(configs), f"{task}: accuracy of {len(configs)} configs", enabled=show)
-    accuracy = evaluate_configs(partition, configs, family, on_done=lambda c, a: bar.update())
+    accuracy = evaluate_configs(partition, configs, family, on_done=lambda c, a: bar.update(), limit=limit)
     bar = Progress(len(configs), f"{task}: latency of {len(configs)} merged configs", enabled=show)
     rows = []
     for c in configs:
@@ -113,17 +114,19 @@ def demo_task(
     repeats: int,
     show: bool,
     sample: int = 120,
+    eval_limit: int | None = None,
 ) -> dict[str, Any]:
-    """One task of the demo: partition, measure the originals and the chosen configs, count the non-dominated."""
+    """One task of the demo: partition, measure the originals and the chosen configs, count the
+    non-dominated. Accuracy on the first ``eval_limit`` evaluation samples (None: all)."""
     t0 = time.perf_counter()
     task = family.task
     partition: Partition = partition_family(family, out / "partitions" / task, k=k, progress=say if show else None)
     x1 = family.eval_feeds(1)[0]
     names = list(partition.variants)
     say(f"{task}: measuring {len(names)} original variants")
-    variants = measure_variants(family, x1, repeats=repeats)
+    variants = measure_variants(family, x1, repeats=repeats, limit=eval_limit)
     configs, exhaustive = select_configs(names, partition.k, max_configs, seed, sample)
-    rows = measure_configs(partition, family, configs, x1, repeats=repeats, show=show)
+    rows = measure_configs(partition, family, configs, x1, repeats=repeats, show=show, limit=eval_limit)
     originals = [Point(v["accuracy"], v["latency_ms"]) for v in variants]
     stitched = [r for r in rows if r["stitched"]]
     non_dominated = [r for r in stitched if not dominated(Point(r["accuracy"], r["latency_ms"]), originals)]
@@ -131,6 +134,7 @@ def demo_task(
     return {
         "task": task,
         "metric": family.manifest.metric.name,
+        "evaluation_samples": len(next(iter(family.eval_feeds(eval_limit)[0].values()))),
         "k": partition.k,
         "cuts": partition.cuts,
         "slot_macs_share": partition.slot_macs_share,
@@ -179,7 +183,8 @@ def plot_task(result: dict[str, Any], path: Path) -> None:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
-        print(f"\n== {r['task']} (metric {r['metric']}, K={r['k']}, cuts {r['cuts']})")
+        print(f"\n== {r['task']} (metric {r['metric']} on {r['evaluation_samples']} held-out samples, K={r['k']}, "
+              f"cuts {r['cuts']})")
         print(f"{'variant':<22}{'kind':<14}{'accuracy':>10}{'latency ms':>12}")
         for v in r["variants"]:
             print(f"{v['name']:<22}{v['kind']:<14}{100 * v['accuracy']:>9.2f}%{v['latency_ms']:>12.3f}")
@@ -200,6 +205,7 @@ def run_demo(
     repeats: int = 15,
     seed: int = 0,
     show: bool = True,
+    eval_limit: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo on ``zoo`` (a name, ``embedded`` or ``edge``, or a folder; None: the
     embedded zoo): every config when a task has at most ``max_configs``, else ``sample``."""
@@ -212,7 +218,7 @@ def run_demo(
         family = load_family(zoo / task)
         with evaluation_threads(_cpus()):  # accuracy passes; latency is timed on one thread
             result = demo_task(family, out, k=k, max_configs=max_configs, seed=seed, repeats=repeats, show=show,
-                               sample=sample)
+                               sample=sample, eval_limit=eval_limit)
         plot_task(result, out / f"pareto_{task}.png")
         result["plot"] = f"pareto_{task}.png"
         results.append(result)

@@ -190,6 +190,7 @@ def evaluate_configs(
     *,
     on_done: Callable[[Config, float], None] | None = None,
     sessions: dict[str, object] | None = None,
+    limit: int | None = None,
 ) -> dict[Config, float]:
     """The metric of many configs at once, sharing the work of common prefixes.
 
@@ -200,9 +201,10 @@ def evaluate_configs(
 
     ``sessions``: a dict kept by the caller across calls (block id -> session), so that
     measuring configs a few at a time (active sampling) does not reload every block.
+    ``limit``: score on the first ``limit`` evaluation samples only (None: all).
     """
     family = family or partition.family()
-    feeds, y = family.eval_feeds()
+    feeds, y = family.eval_feeds(limit)
     out_name = family.manifest.output.name
     wanted = [check_config(partition, c) for c in configs]
     labels = targets(family, feeds, y)

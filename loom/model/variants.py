@@ -271,9 +271,11 @@ def prune_structured(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.Mode
 
 
 # -- families ----------------------------------------------------------------------------------
-def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None, label: str = "") -> float:
-    """The family's metric for the model at ``path`` (``scoring.score``; NaN/inf refused)."""
-    feeds, y = family.eval_feeds()
+def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None = None, label: str = "",
+                     limit: int | None = None) -> float:
+    """The family's metric for the model at ``path`` (``scoring.score``; NaN/inf refused), on
+    the first ``limit`` evaluation samples (None: all)."""
+    feeds, y = family.eval_feeds(limit)
     sess = session(load_model(path), name=str(path))
     out_name = family.manifest.output.name
     outputs = run_batched(sess, feeds)[out_name]
@@ -281,7 +283,7 @@ def measure_accuracy(family: Family, path: Path, *, reference: np.ndarray | None
     if family.manifest.metric.name == "agreement":
         if reference is None:
             raise ValueError("metric 'agreement' needs the dense variant's logits as reference")
-        return score(family, outputs, predicted_classes(reference, name="dense reference"), name=what)
+        return score(family, outputs, predicted_classes(reference[:limit], name="dense reference"), name=what)
     return score(family, outputs, targets(family, feeds, y), name=what)
 
 
