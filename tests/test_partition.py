@@ -190,3 +190,21 @@ def test_meaning_problem_thresholds():
     # activations of other inputs under the same name: only the shared structure matches
     assert "not the same tensor" in meaning_problem(cut_drift(dense, np.roll(dense, 3, axis=0)), tol)
     assert "not the same tensor" in meaning_problem(cut_drift(dense, dense[:, ::-1]), tol)
+
+
+def test_a_miswired_chain_is_caught_whatever_the_noise_floor(synth_partition, tmp_path):
+    """The fp32 tolerance may grow to 10x the network's own rounding noise, never to a wrong block."""
+    import shutil
+
+    from loom.model.cutting import verify_chains
+    from loom.model.partition import load_partition
+
+    copy = tmp_path / "part"
+    shutil.copytree(synth_partition.root, copy)
+    store = synth_partition.store_root
+    shutil.copytree(store, tmp_path / store.name)
+    part = load_partition(copy)
+    dense, pruned = part.variants["dense"], part.variants["unstructured-50-pt"]
+    part.variants["dense"] = [dense[0], pruned[1], dense[2]]  # the middle block of another variant
+    result = verify_chains(part, part.family())["dense"]
+    assert not result["ok"] and result["max_abs_diff"] > 100 * result["noise_floor"]
