@@ -154,3 +154,23 @@ def test_attention_models_quantize_only_weighted_ops():
     assert int8_op_types(model) is None
     model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], name="softmax"))
     assert int8_op_types(model) == ["MatMul", "Gemm", "Conv"]
+
+
+def test_int8_leaves_no_unread_nodes_when_a_tensor_is_read_twice():
+    """A node reading one tensor several times (a grey-to-RGB Concat) got dedicated Q/DQ
+    pairs, some unread: they sat after every cut and put that tensor across all of them."""
+    from loom.model.precision import quantize_int8
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Concat", ["r", "r", "r"], ["rgb"], axis=1, name="rgb"),
+             helper.make_node("Conv", ["rgb", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "grey", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                              initializer=[numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    q = quantize_int8(model, rng.random((16, 1, 8, 8), dtype=np.float32), preserve=["r"])
+    read = {x for n in q.graph.node for x in n.input} | {o.name for o in q.graph.output}
+    assert all(o in read for n in q.graph.node for o in n.output), [n.name for n in q.graph.node]

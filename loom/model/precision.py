@@ -158,8 +158,23 @@ def quantize_int8(
             extra_options={"DedicatedQDQPair": True},
         )
         out = onnx.load(str(dst_path))
+    _drop_dead_nodes(out)
     out.ir_version = min(out.ir_version, 10)
     return out
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads. The quantizer's dedicated Q/DQ pairs leave
+    some for a node that reads one tensor several times (MobileNetV2's grey-to-RGB Concat):
+    unread, they sit after every cut and put the tensor they read across all of them."""
+    g = model.graph
+    while True:
+        read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in read for o in n.output if o)]
+        if len(live) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(live)
 
 
 # -- fp16 --------------------------------------------------------------------------------------
