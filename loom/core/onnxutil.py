@@ -20,6 +20,13 @@ from loom.core.errors import ModelError
 MAX_IR_VERSION = 10
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model`` (what a transformation edits instead of its input)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def load_model(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     """Read and check an ONNX file; every failure is a ``ModelError`` naming the file."""
     path = Path(path)

@@ -81,6 +81,12 @@ class Cut(Strict):
     macs_before: float | None = None
 
 
+def _refuse_repeated(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {dupes}")
+
+
 class Manifest(Strict):
     schema_version: Literal[1] = 1
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
@@ -108,10 +114,7 @@ class Manifest(Strict):
     @field_validator("inputs")
     @classmethod
     def _unique_inputs(cls, inputs: list[TensorSpec]) -> list[TensorSpec]:
-        names = [i.name for i in inputs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"input names must be unique; repeated: {dupes}")
+        _refuse_repeated("input", [i.name for i in inputs])
         return inputs
 
     @field_validator("eval_data")
@@ -141,10 +144,7 @@ class Manifest(Strict):
     @field_validator("variants")
     @classmethod
     def _unique_names(cls, variants: list[Variant]) -> list[Variant]:
-        names = [v.name for v in variants]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"variant names must be unique; repeated: {dupes}")
+        _refuse_repeated("variant", [v.name for v in variants])
         return variants
 
 

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from loom.core.errors import ManifestError, ModelError
-from loom.core.onnxutil import check_model, infer_shapes
+from loom.core.onnxutil import check_model, copy_model, infer_shapes
 from loom.core.runref import session
 from loom.model.family import TensorSpec
 
@@ -41,8 +41,7 @@ def normalize_model(model: onnx.ModelProto, *, name: str,
                     sample: np.ndarray | Mapping[str, np.ndarray] | None = None) -> Imported:
     """A normalized copy of ``model`` and what was done to it; ``sample``: a few real inputs
     (one array for a one-input model, else input name -> array)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = copy_model(model)
     notes: list[str] = []
     _refuse_zero_dims(m, name)
     _drop_initializer_inputs(m, notes)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from loom.core.onnxutil import save_model
+from loom.core.onnxutil import copy_model, save_model
 from loom.model.cuts import GraphIndex, candidate_cuts
 
 #: ops that act on each channel independently (a pruned channel stays pruned through them)
@@ -26,12 +26,6 @@ CHANNELWISE = {
     "HardSigmoid", "HardSwish", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt",
     "Pow", "BatchNormalization", "PRelu", "MaxPool", "AveragePool", "Dropout",
 }
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 # -- which tensors must survive compression ---------------------------------------------------
@@ -132,7 +126,7 @@ def quantize_int8(
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    src = _copy(model)
+    src = copy_model(model)
     _name_nodes(src)
     del src.graph.value_info[:]
     if not isinstance(calib, Mapping):
@@ -186,7 +180,7 @@ def convert_fp16(model: onnx.ModelProto, *, preserve: Sequence[str] = ()) -> onn
     """
     from onnxconverter_common import float16
 
-    src = _copy(model)
+    src = copy_model(model)
     _name_nodes(src)
     del src.graph.value_info[:]
     with warnings.catch_warnings():

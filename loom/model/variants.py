@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from loom.core.atomic import staged_file, staged_folder
 from loom.core.errors import ManifestError, ModelError
-from loom.core.onnxutil import infer_shapes, load_model, save_model
+from loom.core.onnxutil import copy_model, infer_shapes, load_model, save_model
 from loom.core.runref import predicted_classes, run_batched, session
 from loom.model.family import DataSpec, Family, Manifest, Metric, Variant, load_family
 from loom.model.importing import normalize_model, read_sample, tensor_spec
@@ -26,12 +26,6 @@ from loom.model.scoring import score, targets
 
 Progress = Callable[[str], None]
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def _set_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
@@ -60,7 +54,7 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, *, exclude: Iter
     """Zero the smallest-magnitude ``sparsity`` share of each prunable weight tensor."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    out = _copy(model)
+    out = copy_model(model)
     skip = set(exclude)
     for name in prunable_weights(out):
         if name in skip:
@@ -220,7 +214,7 @@ def prune_structured(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.Mode
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    out = _copy(model)
+    out = copy_model(model)
     g = out.graph
     groups = channel_groups(out)
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -332,7 +326,7 @@ def init_family(
         save_model(model, stage / "dense.onnx")
         Family(manifest, stage).save()
         add_variant(load_family(stage), "dense", stage / "dense.onnx", kind="dense", made_by=made_by,
-                    fine_tuned=fine_tuned)
+                    fine_tuned=fine_tuned, normalize=False)
     return load_family(out)
 
 
@@ -347,25 +341,29 @@ def add_variant(
     made_by: str = "",
     accuracy: float | None = None,
     fine_tuned: str | None = None,
+    normalize: bool = True,
 ) -> Variant:
     """Record (or replace) a variant whose file is already in the family folder; measure it
     (unless ``accuracy`` was measured already).
 
     The file is normalized as the dense model was (``importing``): a variant exported at an
     older opset is converted, so that blocks of different variants can be merged into one
-    graph; what was done is added to ``made_by``.
+    graph; what was done is added to ``made_by``. ``normalize=False``: the file was made
+    here from the normalized dense model (or is it), so there is nothing to redo.
     """
     path = Path(path).resolve()
     try:
         file = str(path.relative_to(family.root.resolve()))
     except ValueError:
         raise ManifestError(f"{path}: a variant's file must be inside the family folder {family.root}") from None
-    imported = normalize_model(load_model(path, check=False), name=str(path), sample=family.eval_feeds(2)[0])
-    if imported.notes:
+    if not normalize:
+        load_model(path)  # checked
+    elif (imported := normalize_model(load_model(path, check=False), name=str(path),
+                                      sample=family.eval_feeds(2)[0])).notes:
         with staged_file(path) as tmp:
             save_model(imported.model, tmp)
-        made_by = "; ".join([made_by, "normalized on import: " + "; ".join(imported.notes)] if made_by else
-                            ["normalized on import: " + "; ".join(imported.notes)])
+        note = "normalized on import: " + "; ".join(imported.notes)
+        made_by = f"{made_by}; {note}" if made_by else note
     if accuracy is None:
         accuracy = measure_accuracy(family, path, reference=_reference(family))
     variant = Variant(
@@ -402,7 +400,7 @@ def _add_made(family: Family, name: str, model: onnx.ModelProto, **record: objec
     with staged_file(target) as tmp:
         save_model(model, tmp)
         accuracy = measure_accuracy(family, tmp, reference=_reference(family), label=name)
-    add_variant(family, name, target, accuracy=accuracy, **record)  # type: ignore[arg-type]
+    add_variant(family, name, target, accuracy=accuracy, normalize=False, **record)  # type: ignore[arg-type]
 
 
 def make_variants(
