@@ -17,7 +17,7 @@ import onnx
 from backends.base import Backend, LoadedBlock
 from loom.core.errors import ManifestError
 from loom.core.onnxutil import MAX_IR_VERSION, load_model, node_inputs
-from loom.core.runref import predicted_classes, run_batched, session
+from loom.core.runref import EVAL_BATCH, predicted_classes, run_batched, session
 from loom.model.family import Family
 from loom.model.partition import Partition
 from loom.model.scoring import score, targets
@@ -174,7 +174,7 @@ def evaluate_config(
         logits = run_batched(session(merge_config(partition, config), name="|".join(config)), feeds)[out_name]
     else:
         with StitchedModel(partition, config) as model:
-            logits = model.run(feeds, batch=64)[out_name]
+            logits = model.run(feeds, batch=EVAL_BATCH)[out_name]
     what = f"config {'|'.join(config)}: output {out_name!r}"
     if reference is not None and family.manifest.metric.name == "agreement":
         target = predicted_classes(reference, name="reference")
@@ -215,9 +215,9 @@ def evaluate_configs(
         if bid not in sessions:
             sessions[bid] = session(load_model(partition.block_path(bid), check=False), name=bid)
         info = partition.blocks[bid]
-        # 64, not more: each session's arena keeps its peak, and measuring every config of
-        # image-cls holds ~50 sessions (at 256 the process grew to 16 GB)
-        return run_batched(sessions[bid], {n: env[n] for n in info.inputs}, info.outputs, batch=64)
+        # small batches (EVAL_BATCH): faster per sample, and each session's arena keeps its
+        # peak while measuring every config holds ~50 sessions (at 256 a process grew to 16 GB)
+        return run_batched(sessions[bid], {n: env[n] for n in info.inputs}, info.outputs)
 
     tree: dict = {}
     for c in wanted:
