@@ -7,21 +7,23 @@ On the host device profile (real processors: onnxruntime on core 0, OpenVINO on 
    measures the accuracy of a budget of stitched configs (5% of the space, at most 50)
    chosen by active sampling, after one tapped run per variant for the cut
    compatibilities. ``profiling_s`` is the wall time of all of that.
-2. **Held-out latency**: placed configs (config x placement) that no training step
-   measured, measured end to end through the pinned workers, against the plan latency
-   the estimator predicts (blocks from ``LatencyEstimator``, hand-offs and dispatch
-   from the calibrated ``LinkModel``). On the smallest family *every* placed config is
-   measured: that is the exhaustive latency profile, timed. Also: the same prediction
-   from an estimator that never saw the task (leave-one-task-out).
-3. **Accuracy**: every config of every task is evaluated (``evaluate_configs``, cached
-   under ``out/bench/truth``), which gives the ground truth and the exhaustive
-   accuracy cost; the estimator's MAE and Spearman over the configs it did not measure.
+2. **Held-out latency**: a seeded random sample of placed configs (config x placement)
+   that no training step measured (``--heldout``), measured end to end through the
+   pinned workers, against the plan latency the estimator predicts (blocks from
+   ``LatencyEstimator``, hand-offs and dispatch from the calibrated ``LinkModel``).
+   ``--exhaustive-task`` measures *every* placed config of one task instead: the
+   exhaustive latency profile, timed (27,000 on an edge task, over an hour); otherwise
+   its cost is extrapolated from the sample. Also: the same prediction from an
+   estimator that never saw the task (leave-one-task-out).
+3. **Accuracy**: the ground truth is the originals plus a seeded random sample of
+   ``--truth-configs`` stitched configs (``0``: every config; cached under
+   ``out/bench/truth``), whose measuring time extrapolates to the exhaustive accuracy
+   cost; the estimator's MAE and Spearman over the truth configs it did not measure.
 4. **Learning curve**: accuracy MAE against the number of measured configs for
    active, stratified and random sampling (mean over seeds), plotted.
 
-``exhaustive_s`` = every config's accuracy (measured) + every placed config's
-latency (measured on the smallest family, extrapolated from the measured per-pair
-cost elsewhere: ``exhaustive_measured`` says which).
+``exhaustive_s`` = every config's accuracy + every placed config's latency, each
+measured or extrapolated (``exhaustive_measured`` and ``accuracy_truth`` say which).
 
 ``--zoo``: the edge zoo by default (``make zoo-edge``), ``embedded`` (the toy zoo) or a
 zoo folder; the JSON says which (``zoo``).
@@ -86,24 +88,46 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # -- accuracy ground truth ----------------------------------------------------------------------
-def accuracy_truth(part: Partition, cache_dir: Path) -> tuple[dict[Config, float], float]:
-    """Every config's accuracy, and the seconds measuring them all took (cached: both)."""
+def truth_configs(part: Partition, n: int, seed: int) -> list[Config]:
+    """The configs whose accuracy is the ground truth: all of them when ``n`` is 0 or the
+    space is no larger, else the originals plus a seeded random sample of ``n`` stitched ones."""
+    names = sorted(part.variants)
+    every = list(itertools.product(names, repeat=part.k))
+    stitched = [c for c in every if len(set(c)) > 1]
+    if not n or n >= len(stitched):
+        return every
+    rng = random.Random(f"{seed}:{part.task}:truth")
+    return [tuple([v] * part.k) for v in names] + sorted(rng.sample(stitched, n))
+
+
+def accuracy_truth(part: Partition, cache_dir: Path, n: int = 0, seed: int = 0) -> tuple[dict[Config, float], float, float]:
+    """The accuracy of the ground-truth configs (``truth_configs``), the seconds measuring them
+    took, and those seconds extrapolated to every config of the space (cached: all three)."""
     path = cache_dir / f"{part.task}.json"
     names = sorted(part.variants)
+    configs = truth_configs(part, n, seed)
+    space = len(names) ** part.k
     if path.is_file():
         data = json.loads(path.read_text())
-        if sorted(data["variants"]) == names and data["k"] == part.k and data.get("partition") == partition_ref(part.root):
-            return {tuple(r["config"]): r["accuracy"] for r in data["configs"]}, float(data["seconds"])
-    configs = list(itertools.product(names, repeat=part.k))
-    say(f"{part.task}: measuring the accuracy of all {len(configs)} configs (exhaustive; cached afterwards)")
+        if (sorted(data["variants"]) == names and data["k"] == part.k and data.get("partition") == partition_ref(part.root)
+                and sorted(tuple(r["config"]) for r in data["configs"]) == sorted(configs)):
+            return ({tuple(r["config"]): r["accuracy"] for r in data["configs"]}, float(data["seconds"]),
+                    float(data.get("seconds_all", data["seconds"])))
+    how = "exhaustive" if len(configs) == space else f"a seeded random sample of the {space}"
+    say(f"{part.task}: measuring the accuracy of {len(configs)} configs ({how}; cached afterwards)")
     t0 = time.perf_counter()
     acc = evaluate_configs(part, configs, part.family())
     seconds = time.perf_counter() - t0
+    # prefix sharing makes a full sweep cheaper per config than a sample: extrapolate from
+    # the block runs a full sweep needs (V + V^2 + ... + V^K slot runs) against this one's
+    sample_runs = sum(len({c[: s + 1] for c in configs}) for s in range(part.k))
+    all_runs = sum(len(names) ** (s + 1) for s in range(part.k))
+    seconds_all = seconds * all_runs / sample_runs
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"task": part.task, "k": part.k, "variants": names, "seconds": seconds,
-                                "partition": partition_ref(part.root),
+                                "seconds_all": seconds_all, "partition": partition_ref(part.root),
                                 "configs": [{"config": list(c), "accuracy": a} for c, a in acc.items()]}))
-    return dict(acc), seconds
+    return dict(acc), seconds, seconds_all
 
 
 def accuracy_errors(est_rows: list, truth: dict[Config, float], pred: np.ndarray) -> tuple[float, float]:
@@ -191,10 +215,12 @@ def run(args: argparse.Namespace, zoo: Path, tasks: list[str]) -> dict[str, Any]
     latency_est = LatencyEstimator().fit(rows, y)
     fit_s = time.perf_counter() - t0
 
-    # which task is exhaustively profiled: the one whose placed configs are cheapest to run
+    # the task whose every placed config is measured, if one is asked for ("cheapest": the one
+    # whose placed configs run fastest); the others' exhaustive cost is extrapolated
     per_run_ms = {t: float(np.median([r["measured_ms_median"] for r in d.configs if r["status"] == "ok"]))
                   for t, d in datasets.items()}
-    smallest = args.exhaustive_task or min(per_run_ms, key=per_run_ms.get)
+    smallest = (min(per_run_ms, key=per_run_ms.get) if args.exhaustive_task == "cheapest"
+                else args.exhaustive_task)
 
     results, curves = [], []
     for part in partitions:
@@ -203,7 +229,7 @@ def run(args: argparse.Namespace, zoo: Path, tasks: list[str]) -> dict[str, Any]
         trained_on = {(r["config"], r["placement"]) for r in datasets[task].configs}
         # 2. held-out placed configs, measured
         pairs = all_pairs(part, procs)
-        exhaustive = task == smallest and not args.no_exhaustive
+        exhaustive = task == smallest
         if not exhaustive:
             rng = random.Random(f"{args.seed}:{task}:heldout")
             pool = [p for p in pairs if (";".join(p[0]), ";".join(p[1])) not in trained_on]
@@ -230,8 +256,9 @@ def run(args: argparse.Namespace, zoo: Path, tasks: list[str]) -> dict[str, Any]
         lat_exhaustive_s = lat_wall if exhaustive else per_pair_s * n_pairs_total
 
         # 3. accuracy: ground truth, then the budgeted sample with real measurement
-        truth, acc_exhaustive_s = accuracy_truth(part, work / "truth")
-        n = args.samples or accuracy_budget(len(truth))
+        truth, truth_s, acc_exhaustive_s = accuracy_truth(part, work / "truth", args.truth_configs, args.seed)
+        space = len(part.variants) ** part.k
+        n = args.samples or accuracy_budget(space)
         t0 = time.perf_counter()
         compat = compatibility(part, family)
         compat_s = time.perf_counter() - t0
@@ -255,16 +282,21 @@ def run(args: argparse.Namespace, zoo: Path, tasks: list[str]) -> dict[str, Any]
             "latency_unseen_task_mape": lat_unseen.get("mape"), "latency_unseen_task_within_10pct": lat_unseen.get("within_10pct"),
             "accuracy_mae_pts": mae, "accuracy_spearman": rho, "accuracy_measured_configs": len(sample.measured),
             "accuracy_heldout_configs": len(test), "accuracy_strategy": args.strategy,
+            "accuracy_truth": {"configs": len(truth), "space": space, "seconds": truth_s,
+                               "sampled": len(truth) < space},
             "baseline_min_piece_mae_pts": base_mae, "baseline_min_piece_spearman": base_rho,
             "profiling_s": profiling_s, "exhaustive_s": exhaustive_s, "exhaustive_measured": exhaustive,
             "profiling_share": profiling_s / exhaustive_s,
             "profiling_breakdown_s": {"blocks_and_link_calibration": prof_s[task], "cut_compatibility": compat_s,
                                       "accuracy_sample": sample.seconds, "fits": acc_fit_s + fit_s / len(tasks)},
-            "exhaustive_breakdown_s": {"accuracy_all_configs": acc_exhaustive_s, "latency_all_placed_configs": lat_exhaustive_s,
+            "exhaustive_breakdown_s": {"accuracy_all_configs": acc_exhaustive_s,
+                                       "accuracy_all_configs_measured": len(truth) == space, "latency_all_placed_configs": lat_exhaustive_s,
                                        "placed_configs": n_pairs_total, "per_placed_config_s": per_pair_s},
         })
         if not args.no_curve:
-            curves += learning_curve(part, truth, compat, args.curve, args.seeds)
+            # on a sampled truth the curve draws from the sample: keep half of it for testing
+            pool = sum(1 for c in truth if len(set(c)) > 1)
+            curves += learning_curve(part, truth, compat, [m for m in args.curve if m <= pool // 2], args.seeds)
     return {"zoo": zoo_name(zoo), "tasks": results, "learning_curve": curves,
             "settings": {"device": device.name, "k": args.k, "warmup": args.warmup, "repeats": args.repeats,
                          "calib_configs": args.calib_configs, "heldout": args.heldout, "seed": args.seed,
@@ -321,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--calib-configs", type=int, default=10, help="placed configs per task profiled for link calibration")
     ap.add_argument("--heldout", type=int, default=80, help="held-out placed configs measured per task (not the exhaustive one)")
-    ap.add_argument("--exhaustive-task", help="the task whose every placed config is measured (default: the cheapest)")
-    ap.add_argument("--no-exhaustive", action="store_true", help="extrapolate every task's exhaustive latency cost")
+    ap.add_argument("--exhaustive-task", help="a task whose every placed config is measured ('cheapest': the task "
+                    "whose configs run fastest; an hour or more on the edge zoo); default: none, the cost is "
+                    "extrapolated from the held-out sample")
+    ap.add_argument("--truth-configs", type=int, default=100,
+                    help="stitched configs in the accuracy ground truth, a seeded random sample (0: every config)")
     ap.add_argument("--samples", type=int, help="measured stitched configs (default: 5%% of the space, at most 50)")
     ap.add_argument("--strategy", choices=["active", "stratified", "random"], default="active")
     ap.add_argument("--curve", type=lambda s: [int(x) for x in s.split(",")], default=[10, 25, 50, 100])

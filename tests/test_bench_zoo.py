@@ -80,3 +80,17 @@ def test_bench_stitch_records_the_zoo(tmp_path):
                                         "--variants", "dense", "--rounds", "1", "--repeats", "1"]) == 0
     result = json.loads(out.read_text())
     assert result["zoo"] == "embedded" and {r["task"] for r in result["rows"]} == {"signal-cls"}
+
+
+def test_estimator_truth_is_the_originals_plus_a_stated_sample():
+    from types import SimpleNamespace
+
+    names = [f"v{i}" for i in range(10)]
+    part = SimpleNamespace(variants={n: None for n in names}, k=3, task="t")
+    mod = script("bench_estimators")
+    configs = mod.truth_configs(part, 100, seed=0)
+    assert len(configs) == 110 and len(set(configs)) == 110
+    assert all(tuple([n] * 3) in configs for n in names)
+    assert sum(len(set(c)) > 1 for c in configs) == 100
+    assert configs == mod.truth_configs(part, 100, seed=0) != mod.truth_configs(part, 100, seed=1)
+    assert len(mod.truth_configs(part, 0, seed=0)) == 1000  # 0: every config
