@@ -45,6 +45,7 @@ config's tasks are not in it or have no profile data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -486,6 +487,7 @@ def switching(dep: Any, *, repeats: int, stitched: int, seed: int, processor: st
             sel = [r for r in rows if r["cold"] == cold and (kind == "all" or r["kind"] == kind)]
             summary[f"{'cold' if cold else 'warm'}/{kind}"] = summarize_switches(sel)
     warm = summary["warm/all"]
+    cross_switch = cross_task_switches(dep, backend, cross, repeats=repeats) if cross else {}
     return {
         "mean_speedup_vs_monolithic": warm["speedup"]["mean"],
         "definition": "mean over warm-page-cache pairs of monolithic_s / differential_s (release + load, medians "
@@ -493,12 +495,43 @@ def switching(dep: Any, *, repeats: int, stitched: int, seed: int, processor: st
         "processor": proc.name, "backend": proc.backend, "repeats": repeats,
         "page_cache_dropped": any(r["page_cache_dropped"] for r in rows if r["cold"]),
         "summary": summary, "pairs": rows,
+        "cross_task_speedup_vs_monolithic": cross_switch.get("warm"),
+        "cross_task_speedup_vs_monolithic_cold": cross_switch.get("cold"),
+        "cross_task_pairs": cross_switch.get("pairs", []),
         "cross_task": {"shared_blocks": len(cross), "blocks_shared_within_a_task": within,
                        "note": ("no cross-task sharing in the zoo: its tasks have no block in common, so there is "
                                 "no cross-task switch to measure") if not cross else
                        f"{len(cross)} blocks shared across tasks", "shared": cross,
                        "block_ids_in_several_tasks": len(by_id)},
     }
+
+
+def cross_task_switches(dep: Any, backend: Any, cross: Mapping[str, Sequence[str]], *, repeats: int) -> dict[str, Any]:
+    """Switching from one task to another that shares blocks with it (the edge zoo's two
+    fashion tasks share the backbone): uniform configs of the variants both tasks have,
+    both ways, differential (only the blocks the second task lacks) against monolithic,
+    warm and cold page cache (``bench_sharing.switching``). Medians of the speedups."""
+    # scripts/bench_sharing.py and scripts/switching.py, beside this script
+    from bench_sharing import switching as switch_tasks
+    from switching import Switcher
+
+    tasks = sorted({t for users in cross.values() for t in users})
+    parts = dep.partitions
+    pairs = []
+    for i, ta in enumerate(tasks):
+        for tb in tasks[i + 1:]:
+            for v in (v for v in UNIFORM_VARIANTS if v in parts[ta].variants and v in parts[tb].variants):
+                ca, cb = (v,) * parts[ta].k, (v,) * parts[tb].k
+                pairs += [((ta, ca), (tb, cb)), ((tb, cb), (ta, ca))]
+    with contextlib.ExitStack() as stack:
+        switchers = {t: stack.enter_context(Switcher(parts[t], backend)) for t in tasks}
+        rows = switch_tasks(switchers, pairs, repeats=repeats)
+
+    def median(cold: bool) -> float | None:
+        xs = [r["speedup"] for r in rows if r["cold"] == cold and r["speedup"]]
+        return statistics.median(xs) if xs else None
+
+    return {"warm": median(False), "cold": median(True), "pairs": rows}
 
 
 # -- ordering ---------------------------------------------------------------------------------------
@@ -700,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"switching {key:<14} {s['pairs']:>3} pairs: speedup mean {_fmt(s['speedup']['mean'], '.2f')}x "
                       f"(geomean {_fmt(s['speedup']['geomean'], '.2f')}x), load-only mean "
                       f"{_fmt(s['load_only_speedup']['mean'], '.2f')}x, bytes {_fmt(s['bytes_share'], '.0%')} of monolithic")
+        if switch.get("cross_task_speedup_vs_monolithic") is not None:
+            print(f"switching across tasks ({len(switch['cross_task_pairs'])} pairs): speedup median "
+                  f"{switch['cross_task_speedup_vs_monolithic']:.2f}x warm, "
+                  f"{_fmt(switch['cross_task_speedup_vs_monolithic_cold'], '.2f')}x cold")
         print(f"switching: {switch['cross_task']['note']}; page cache dropped on cold runs: "
               f"{switch['page_cache_dropped']}")
     for r in result.get("ordering", []):

@@ -86,7 +86,8 @@ def switching(switchers: dict[str, Any], pairs: list[tuple[tuple[str, tuple], tu
             rows.append({**row, "from": [ta, *ca], "to": [tb, *cb]})
             d, m = row["differential_s"], row["monolithic_s"]
             say(f"{'cold' if cold else 'warm'} {'|'.join(rows[-1]['from'])} -> {'|'.join(rows[-1]['to'])}: "
-                f"differential {1e3 * d:.1f} ms, monolithic {1e3 * m:.1f} ms ({m / d:.1f}x)")
+                f"differential {1e3 * d:.1f} ms, monolithic {1e3 * m:.1f} ms"
+                + (f" ({m / d:.1f}x)" if d else " (nothing to load)"))
     return rows
 
 

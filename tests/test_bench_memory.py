@@ -162,3 +162,23 @@ def test_aims_and_lookup(bm):
     assert a["switching_8x_faster_on_average"]["met"] is True
     none = bm.aims([], None)
     assert all(v["met"] is None for v in none.values())
+
+
+def test_cross_task_switches_measure_both_ways_warm_and_cold(bm, synth_partition):
+    """Two 'tasks' holding the very same blocks (as the edge zoo's fashion tasks hold the
+    backbone): every uniform variant both share, both ways, warm and cold, real loads."""
+    import sys
+
+    from backends import get_backend
+
+    sys.path.insert(0, str(SCRIPT.parent))  # bench_sharing and switching sit beside the script
+    dep = SimpleNamespace(partitions={"a": synth_partition, "b": synth_partition})
+    cross = {bid: ["a", "b"] for bid in synth_partition.blocks}
+    out = bm.cross_task_switches(dep, get_backend("onnxruntime"), cross, repeats=1)
+    shared = [v for v in bm.UNIFORM_VARIANTS if v in synth_partition.variants]
+    assert len(out["pairs"]) == 2 * 2 * len(shared)  # both ways, warm and cold
+    assert {tuple(r["from"][:1] + r["to"][:1]) for r in out["pairs"]} == {("a", "b"), ("b", "a")}
+    # the second task lacks no block: the differential switch loads nothing and no ratio is made up
+    assert all(r["differential_s"] < r["monolithic_s"] or r["monolithic_s"] == 0 for r in out["pairs"])
+    assert all(r["speedup"] is None for r in out["pairs"] if not r["differential_s"])
+    assert out["warm"] is None or out["warm"] > 0
