@@ -65,8 +65,8 @@ def with_taps(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
 
 
 #: The batch of accuracy passes. Small on purpose: past a few samples the activations of a
-#: real network leave the caches and every sample gets slower (measured on the 2-core
-#: Zen 4 VM, 2 threads: PP-OCRv4 18 ms/sample at 8, 35 at 64; MobileNetV2 at 192 px
+#: real network leave the caches and every sample gets slower (measured on a 2-core
+#: Zen 3 EPYC VM, AVX2 only, 2 threads: PP-OCRv4 18 ms/sample at 8, 35 at 64; MobileNetV2 at 192 px
 #: 5.2 against 6.0; MiniLM 5.7 against 6.3), and each session's arena keeps its peak.
 EVAL_BATCH = 8
 
