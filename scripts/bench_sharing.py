@@ -166,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", default="edge")
     ap.add_argument("--out", default="out/bench_sharing.json")
     ap.add_argument("--work", default=None, help="partition folder (default: out/sharing-<zoo>)")
+    ap.add_argument("--tasks", nargs="*", help="the tasks to partition (default: every task of the zoo); only those that "
+                    "share blocks are switched, so on the edge zoo `--tasks fashion-cls fashion-group` "
+                    "skips partitioning the text and OCR tasks (most of a 10-minute run)")
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=["dense", "fp16", "unstructured-30"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cut-modes", nargs="*", default=["balanced", "head"], choices=["balanced", "head"],
                     help="balanced: the MAC-balanced cuts the demo uses; head: the last cut before the head")
     args = ap.parse_args(argv)
-    folder, tasks = zoo_folder_and_tasks(args.zoo)
+    folder, tasks = zoo_folder_and_tasks(args.zoo, args.tasks)
     name = zoo_name(folder)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"zoo": name, "tasks": tasks, "k": args.k, "by_cut_mode": {}}
