@@ -2,7 +2,8 @@
 
 ``static_capacity`` is the largest total rate the best single-variant policy sustains
 (its fluid bound); ``scenario`` is a config at a given total Poisson rate and SLO scale;
-``measured_bound`` is the processors' closed-loop saturation throughput for a policy's
+``with_bursts`` and ``with_slo_tightened`` turn such a config into a bursty one (same mean
+rates) or one whose bounds tighten mid-run; ``measured_bound`` is the processors' closed-loop saturation throughput for a policy's
 planned mix, measured on the real runtime.
 """
 
@@ -17,8 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from loom.app.arrivals import make_trace
-from loom.app.config import SloConfig
+from loom.app.arrivals import make_trace, mean_rate_rps
+from loom.app.config import BurstyArrival, SloChange, SloConfig
 from loom.app.deployment import Deployment
 from loom.core.errors import ConfigError
 from loom.serving.metrics import MetricsCollector, utilization
@@ -59,6 +60,32 @@ def scenario(base: SloConfig, *, total_rps: float, mix: Mapping[str, float], bou
     cfg.run.warmup_s = min(cfg.run.warmup_s, duration_s / 4)  # first: validated against the duration
     cfg.run.duration_s = duration_s
     cfg.run.seed = seed
+    return cfg
+
+
+def with_bursts(base: SloConfig, *, factor: float, burst_s: float, calm_s: float) -> SloConfig:
+    """``base`` with every task's arrivals bursty (``BurstyArrival``, fixed periods) at the same mean rate.
+
+    During a burst a task's rate is ``factor`` x its calm rate; with fixed periods every
+    task's bursts fall together (calm first, from t = 0), so the total load bursts too.
+    """
+    cfg = copy.deepcopy(base)
+    for t in cfg.tasks:
+        mean = mean_rate_rps(t.arrival, cfg.run.duration_s)
+        calm = mean * (burst_s + calm_s) / (calm_s + factor * burst_s)
+        t.arrival = BurstyArrival.model_validate({"process": "bursty", "rate_rps": calm, "burst_rate_rps": factor * calm,
+                                                  "burst_s": burst_s, "calm_s": calm_s, "periods": "fixed"})
+    return cfg
+
+
+def with_slo_tightened(base: SloConfig, *, at_s: float, scale: float) -> SloConfig:
+    """``base`` with one SLO change per task: from ``at_s`` on, its latency bound is ``scale`` x its first one.
+
+    The config's own SLO changes are replaced.
+    """
+    cfg = copy.deepcopy(base)
+    for t in cfg.tasks:
+        t.slo_changes = [SloChange(at_s=at_s, latency_ms=t.latency_ms * scale)]
     return cfg
 
 
