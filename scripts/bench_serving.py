@@ -1,16 +1,24 @@
-"""The serving benchmark: the seven policies and two peers on the same seeded trace, real inference.
+"""The serving benchmark: the seven policies and two peers on the same seeded traces, real inference, repeated.
 
 On the host device profile (onnxruntime pinned to core 0, OpenVINO pinned to core 1),
 with the tasks of ``configs/serve.yaml``, in one process, one policy after another:
 
-- **load** is a multiple of the capacity of the best static plan: the largest total
-  rate (at the config's task mix) that the best single-variant policy (SV-*, one plan
-  per task, processors assigned jointly) could sustain by the fluid bound, given the
-  predicted block latencies. 0.5x, 1x and 1.5x by default;
+- **load** is a multiple of the capacity of the best static plan: the highest total
+  rate (at the config's task mix) at which the best single-variant policy (SV-*, one
+  plan per task, processors assigned jointly; the best by the fluid bound) keeps its
+  violations <= 10%, loose SLO, measured in steps of x1.25 (``loom.app.capacity``).
+  0.5x, 1x, 1.5x and 3x by default;
 - **slo**: ``loose`` uses the config's latency bounds, ``tight`` scales them by
   ``--tight`` (0.6 by default); floors as configured; the config's mid-run SLO changes
   are left out so that every cell serves one SLO;
-- every policy serves the *same* arrivals and inputs (same seed) at each cell;
+- two more cells (``--no-extra-cells`` leaves them out), both at 1x load, loose SLO:
+  ``bursty`` (every task's arrivals bursty, ``BurstyArrival`` with fixed periods at the
+  same mean rate: bursts of 4x the calm rate for a fifth of every 2.5 s, all tasks
+  together; shorter periods in runs under 5 s) and ``slo-change`` (every task's latency
+  bound tightened to 0.6x at the middle of the run, ``SloChange``);
+- **repeats**: every cell is run ``--repeats`` times (3 by default); repeat r serves the
+  trace of seed ``--seed + r``, and within a repeat every policy serves the *same*
+  arrivals and inputs;
 - **peers** (``loom.app.peers``): what a user would run instead, on the same trace and
   judged by the same records: ``ort-plain`` (each task's ``sv-lo-np`` variant as one
   default onnxruntime session, a thread per task) and ``openvino-throughput`` (the same
@@ -21,18 +29,25 @@ with the tasks of ``configs/serve.yaml``, in one process, one policy after anoth
 - ``measured_bound_rps``: MEASURED, not modelled: the closed-loop saturation throughput
   of the processors for sparseloom's planned mix at the cell (``loom.app.scenario.
   measured_bound``: client threads submitting back to back, no latency bound, for
-  ``--bound-seconds``), with goodput as a share of it in ``ratios``;
+  ``--bound-seconds``), the median over the repeats, with every policy's median goodput
+  as a share of it in ``ratios``;
+- ``capacity_rps``: for every policy and peer, the highest total rate with <= 10%
+  violations, loose SLO: from the best static plan's capacity, x1.5 steps up (or down)
+  until a probe passes and one fails, then 3 bisections, ``--capacity-duration`` seconds
+  per probe (``--no-capacity``: none);
 - **drift**: sparseloom at 0.5x load (healthy before the contention, so that what the
   contention costs is what is measured), with a competing busy process pinned to the
   first processor's core for the middle third of the run, with the online latency
   correction and without it.
 
-Writes ``{"runs": [...], "goodput_bound_rps": {...}, "measured_bound_rps": {...}, "ratios": {...},
-"drift": {...}}``, a
-table, and plots (violations by policy per cell, goodput, the latency CDF of the 1x
-tight cell, the drift run's timeline). ``--zoo``: the zoo the config's tasks come from (the
-edge zoo by default; ``embedded`` for ``configs/serve.yaml``), recorded as ``zoo``; the
-script stops with one line if the config's tasks are not in it or have no profile data.
+Writes ``{"repeats": N, "runs": [one row per cell, repeat and policy], "cells": {cell: {policy:
+{"slo_violation_rate": {"median", "min", "max"}, "goodput_rps": {...}, ...}}}, "goodput_bound_rps",
+"measured_bound_rps", "ratios" (on the medians), "capacity_rps": {policy: rps}, "drift"}``, a
+table (median [min–max] over the repeats), and plots (median violations by policy per cell, the
+latency CDF of the 1x tight cell's first repeat, the drift run's timeline). ``--zoo``: the zoo
+the config's tasks come from (the edge zoo by default; ``embedded`` for ``configs/serve.yaml``),
+recorded as ``zoo``; the script stops with one line if the config's tasks are not in it or have
+no profile data. ``--quick``: a smoke run (1 repeat, 1x load, 1 s runs, no drift, short probes).
 
     python scripts/bench_serving.py --out out/bench_serving.json
 """
@@ -46,53 +61,66 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from serving_report import median, print_report, ratios_of, row_of, summarize_cells  # noqa: E402
 from zoo_check import zoo_config  # noqa: E402
 
+from loom.app.capacity import measured_capacity  # noqa: E402
 from loom.app.config import POLICIES, SloConfig  # noqa: E402
 from loom.app.deployment import Deployment  # noqa: E402
 from loom.app.peers import PEERS, is_peer, run_peer  # noqa: E402
-from loom.app.run import RunResult, run_trace  # noqa: E402
-from loom.app.scenario import measured_bound, scenario, slos_of, static_capacity  # noqa: E402
+from loom.app.run import run_trace  # noqa: E402
+from loom.app.scenario import (  # noqa: E402
+    measured_bound,
+    scenario,
+    slos_of,
+    static_capacity,
+    with_bursts,
+    with_slo_tightened,
+)
 from loom.core.progress import say  # noqa: E402
 from loom.serving.plots import plot_latency_cdf, plot_timeline, plot_violations_by_policy  # noqa: E402
 from placement.assignment import fluid_goodput_bound  # noqa: E402
 
-
-def measured_capacity(dep: Deployment, base: SloConfig, policy: str, *, start_rps: float, mix: dict[str, float],
-                      seed: int, max_violation: float = 0.10, duration_s: float = 4.0) -> tuple[float, list[dict]]:
-    """The highest total rate (steps of x1.25) at which ``policy`` keeps violations <= ``max_violation``.
-
-    The fluid bound counts block time and the measured dispatch and hand-off costs, but
-    not the rest of a request's way through Python at high rates; on this 2-core host
-    the runtime itself runs on the processors' cores, so the sustainable rate is found
-    by running the policy, loose SLO, at rising rates.
-    """
-    steps, rate, best = [], start_rps, 0.0
-    for _ in range(12):
-        dep.config = scenario(base, total_rps=rate, mix=mix, bound_scale=1.0, duration_s=duration_s, seed=seed)
-        run = run_trace(dep, policy, progress=False)
-        v = run.summary["overall"]["slo_violation_rate"] or 0.0
-        steps.append({"rate_rps": rate, "slo_violation_rate": v})
-        say(f"capacity search, {policy} at {rate:.0f}/s: violations {v:.1%}")
-        if v > max_violation:
-            break
-        best, rate = rate, rate * 1.25
-    return best, steps
+#: the bursty cell: a burst's rate as a multiple of the calm rate, and the burst's share of a period
+BURST_FACTOR, BURST_SHARE, BURST_PERIOD_S = 4.0, 0.2, 2.5
+#: the slo-change cell: the latency bounds from the middle of the run on, as a share of the config's
+SLO_CHANGE_SCALE = 0.6
+#: --quick: a smoke run (explicit flags still win)
+QUICK = {"repeats": 1, "loads": [1.0], "duration": 1.0, "bound_seconds": 0.5, "no_drift": True,
+         "capacity_duration": 1.0, "capacity_probes": 3}
 
 
-def row_of(run: RunResult, load: float, slo: str, offered: float) -> dict[str, Any]:
-    o = run.summary["overall"]
-    return {"load": load, "slo": slo, "policy": run.policy, "offered_rps": offered,
-            "slo_violation_rate": o["slo_violation_rate"], "goodput_rps": o["goodput_rps"],
-            "throughput_rps": o["throughput_rps"], "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"],
-            "peak_rss_mb": run.peak_rss_mb, "n": o["n"], "utilization": run.summary["utilization"],
-            "errors": run.errors, "by_task": {t: {"slo_violation_rate": v["slo_violation_rate"], "p99_ms": v["p99_ms"]}
-                                              for t, v in run.summary["tasks"].items()}}
+class Cell(NamedTuple):
+    name: str
+    load: float
+    slo: str
+    bound_scale: float
+    kind: str = "plain"  # plain, bursty or slo-change
+
+
+def cells_of(args: argparse.Namespace) -> list[Cell]:
+    cells = [Cell(f"{load}/{slo}", load, slo, scale)
+             for slo, scale in (("loose", 1.0), ("tight", args.tight)) for load in args.loads]
+    if not args.no_extra_cells:
+        cells += [Cell("bursty", 1.0, "loose", 1.0, "bursty"), Cell("slo-change", 1.0, "loose", 1.0, "slo-change")]
+    return cells
+
+
+def cell_config(base: SloConfig, cell: Cell, *, capacity: float, mix: dict[str, float], duration_s: float,
+                seed: int) -> SloConfig:
+    cfg = scenario(base, total_rps=cell.load * capacity, mix=mix, bound_scale=cell.bound_scale,
+                   duration_s=duration_s, seed=seed)
+    if cell.kind == "bursty":
+        period = min(BURST_PERIOD_S, duration_s / 2)  # at least two bursts in a short run
+        cfg = with_bursts(cfg, factor=BURST_FACTOR, burst_s=BURST_SHARE * period, calm_s=(1 - BURST_SHARE) * period)
+    elif cell.kind == "slo-change":
+        cfg = with_slo_tightened(cfg, at_s=duration_s / 2, scale=SLO_CHANGE_SCALE)
+    return cfg
 
 
 def busy_loop_on(core: int) -> subprocess.Popen:
@@ -137,28 +165,40 @@ def drift(dep: Deployment, base: SloConfig, *, total_rps: float, mix: dict[str, 
     return result
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/serve.yaml")
     ap.add_argument("--out", default="out/bench_serving.json")
     ap.add_argument("--zoo", default="edge", help="the zoo of the config's tasks: edge (default), embedded, or a folder")
-    ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 1.5])
+    ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 1.5, 3.0])
     ap.add_argument("--tight", type=float, default=0.6, help="the tight SLO's bounds as a share of the config's")
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds per policy and cell")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per policy, cell and repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell; repeat r uses the trace of seed --seed + r")
+    ap.add_argument("--no-extra-cells", action="store_true", help="leave out the bursty and slo-change cells")
     ap.add_argument("--policies", nargs="*", default=[*POLICIES, *PEERS],
                     help=f"policies of the runtime ({', '.join(POLICIES)}) and peers ({', '.join(PEERS)})")
     ap.add_argument("--no-peers", action="store_true", help="leave the peers out of --policies")
     ap.add_argument("--bound-seconds", type=float, default=3.0,
-                    help="seconds of the measured (closed-loop) bound per cell; 0: none")
+                    help="seconds of the measured (closed-loop) bound per cell and repeat; 0: none")
+    ap.add_argument("--capacity-duration", type=float, default=4.0, help="seconds per probe of a capacity search")
+    ap.add_argument("--capacity-probes", type=int, default=12, help="at most this many probes per capacity search")
+    ap.add_argument("--no-capacity", action="store_true", help="no capacity search per policy (capacity_rps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drift-duration", type=float, default=18.0)
     ap.add_argument("--no-drift", action="store_true")
     ap.add_argument("--drift-load", type=float, default=0.5, help="the drift run's load, a multiple of the capacity")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    argv = sys.argv[1:] if argv is None else argv
+    if "--quick" in argv:
+        ap.set_defaults(**QUICK)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     cfg, zoo = zoo_config(args.config, args.zoo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,56 +208,63 @@ def main(argv: list[str] | None = None) -> int:
     mix = {t.name: dep.rates()[t.name] for t in base.tasks}
     fluid_capacity, who = static_capacity(dep, mix)
     start = sum(mix.values()) * 0.5
-    capacity, steps = measured_capacity(dep, base, who, start_rps=start, mix=mix, seed=args.seed)
+    # the best static plan's capacity, the loads' unit: x1.25 steps up from half the config's rate
+    capacity, steps = measured_capacity(dep, base, who, start_rps=start, mix=mix, seed=args.seed,
+                                        duration_s=args.capacity_duration, growth=1.25, bisections=0,
+                                        max_probes=args.capacity_probes, down=False)
     if capacity <= 0:
         capacity = start
     say(f"capacity of the best static plan ({who}): {capacity:.0f} requests/s measured "
         f"(fluid bound {fluid_capacity:.0f}/s)")
     policies = [p for p in args.policies if not (args.no_peers and is_peer(p))]
-    runs, bounds, measured, cdf_runs = [], {}, {}, {}
+    cells = cells_of(args)
+    runs, bounds, measured_runs, cdf_runs = [], {}, {}, {}
     t_start = time.perf_counter()
-    for slo, scale in (("loose", 1.0), ("tight", args.tight)):
-        for load in args.loads:
-            total = load * capacity
-            dep.config = scenario(base, total_rps=total, mix=mix, bound_scale=scale, duration_s=args.duration,
-                                  seed=args.seed)
-            cands = {t: dep.candidates("sparseloom")[t] for t in mix}
-            fluid = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix, candidates=cands)
-            bounds[f"{load}/{slo}"] = min(total, fluid)
+    for repeat in range(args.repeats):
+        seed = args.seed + repeat
+        for cell in cells:
+            total = cell.load * capacity
+            dep.config = cell_config(base, cell, capacity=capacity, mix=mix, duration_s=args.duration, seed=seed)
+            if cell.name not in bounds:  # the fluid bound depends on the rates and SLOs, not on the seed
+                cands = {t: dep.candidates("sparseloom")[t] for t in mix}
+                fluid = fluid_goodput_bound(dep.spaces, slos_of(dep.config), rate_mix=mix, candidates=cands)
+                bounds[cell.name] = min(total, fluid)
             if args.bound_seconds > 0:
                 mb = measured_bound(dep, "sparseloom", seconds=args.bound_seconds)
-                measured[f"{load}/{slo}"] = mb["rps"]
-                say(f"{slo} {load}x: measured bound (closed loop, sparseloom's mix) {mb['rps']:.0f} requests/s")
+                measured_runs.setdefault(cell.name, []).append(mb["rps"])
+                say(f"{cell.name} (repeat {repeat}): measured bound (closed loop, sparseloom's mix) "
+                    f"{mb['rps']:.0f} requests/s")
             for name in policies:
                 run = (run_peer if is_peer(name) else run_trace)(dep, name)
-                runs.append(row_of(run, load, slo, total))
-                say(f"{slo} {load}x ({total:.0f}/s) {name}: violations {runs[-1]['slo_violation_rate']:.1%}, "
-                    f"goodput {runs[-1]['goodput_rps']:.1f}/s")
-                if load == 1.0 and slo == "tight":
+                runs.append(row_of(run, cell=cell.name, load=cell.load, slo=cell.slo, offered=total, repeat=repeat))
+                v = runs[-1]["slo_violation_rate"]
+                say(f"{cell.name} ({total:.0f}/s, repeat {repeat}) {name}: violations "
+                    f"{'-' if v is None else f'{v:.1%}'}, goodput {runs[-1]['goodput_rps']:.1f}/s")
+                if cell.name == "1.0/tight" and repeat == 0:
                     cdf_runs[run.policy] = run.records
     serving_s = time.perf_counter() - t_start
 
-    ratios: dict[str, Any] = {}
-    for slo in ("loose", "tight"):
-        for load in args.loads:
-            cell = {r["policy"]: r for r in runs if r["load"] == load and r["slo"] == slo}
-            sl = cell.get("sparseloom")
-            if not sl:
-                continue
-            key = f"{load}/{slo}"
-            ratios[key] = {
-                "violation_reduction_vs": {p: (1 - sl["slo_violation_rate"] / r["slo_violation_rate"])
-                                           if r["slo_violation_rate"] else None for p, r in cell.items() if p != "sparseloom"},
-                "goodput_ratio_vs": {p: ratio(sl["goodput_rps"], r["goodput_rps"]) for p, r in cell.items() if p != "sparseloom"},
-                "goodput_share_of_bound": ratio(sl["goodput_rps"], bounds[key]),
-                "goodput_share_of_measured_bound": {p: ratio(r["goodput_rps"], measured.get(key))
-                                                    for p, r in cell.items()},
-            }
+    capacities, capacity_steps = {}, {}
+    if not args.no_capacity:
+        for name in policies:
+            capacities[name], capacity_steps[name] = measured_capacity(
+                dep, base, name, start_rps=capacity, mix=mix, seed=args.seed, duration_s=args.capacity_duration,
+                growth=1.5, bisections=3, max_probes=args.capacity_probes)
+
+    summary = summarize_cells(runs)
+    measured = {c: median(v) for c, v in measured_runs.items()}
     result: dict[str, Any] = {
-        "zoo": zoo, "runs": runs, "goodput_bound_rps": bounds, "measured_bound_rps": measured, "ratios": ratios,
+        "zoo": zoo, "repeats": args.repeats, "runs": runs, "cells": summary, "goodput_bound_rps": bounds,
+        "measured_bound_rps": measured, "measured_bound_by_repeat": measured_runs,
+        "ratios": ratios_of(summary, bounds, measured), "capacity_rps": capacities,
         "settings": {"config": args.config, "capacity_rps": capacity, "capacity_policy": who, "mix": mix,
                      "capacity_fluid_rps": fluid_capacity, "capacity_search": steps,
-                     "loads": args.loads, "tight_scale": args.tight, "duration_s": args.duration, "seed": args.seed,
+                     "policy_capacity_search": capacity_steps, "capacity_probe_s": args.capacity_duration,
+                     "cells": [c._asdict() for c in cells], "loads": args.loads, "tight_scale": args.tight,
+                     "bursty": {"factor": BURST_FACTOR, "burst_share": BURST_SHARE,
+                                "period_s": min(BURST_PERIOD_S, args.duration / 2), "periods": "fixed"},
+                     "slo_change": {"at_s": args.duration / 2, "latency_scale": SLO_CHANGE_SCALE},
+                     "duration_s": args.duration, "seed": args.seed, "seeds": [args.seed + r for r in range(args.repeats)],
                      "cpus": os.cpu_count(), "serving_wall_s": serving_s},
         "simulated": False,
     }
@@ -226,25 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, out=out)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    print(f"{'cell':<11} {'policy':<19} {'viol':>7} {'goodput':>8} {'thru':>7} {'p99 ms':>8} {'RSS MB':>7}")
-    for r in runs:
-        print(f"{str(r['load']) + '/' + r['slo']:<11} {r['policy']:<19} {r['slo_violation_rate']:>7.1%} "
-              f"{r['goodput_rps']:>8.1f} {r['throughput_rps']:>7.1f} {(r['p99_ms'] or float('nan')):>8.2f} {r['peak_rss_mb']:>7.0f}")
-    for key, rt in ratios.items():
-        red = ", ".join(f"{p} {v:+.0%}" for p, v in rt["violation_reduction_vs"].items() if v is not None)
-        gp = ", ".join(f"{p} {v:.2f}x" for p, v in rt["goodput_ratio_vs"].items() if v is not None)
-        share = rt["goodput_share_of_bound"]
-        print(f"{key}: violations down vs {red}; goodput vs {gp}; "
-              f"{'-' if share is None else f'{share:.0%}'} of the fluid bound {bounds[key]:.1f}/s")
-        if key in measured:
-            shares = ", ".join(f"{p} {v:.0%}" for p, v in rt["goodput_share_of_measured_bound"].items() if v is not None)
-            print(f"{key}: measured bound (closed loop) {measured[key]:.0f}/s; goodput as a share of it: {shares}")
-    if "drift" in result:
-        for r in result["drift"]["runs"]:
-            print(f"drift, correction {'on ' if r['correction'] else 'off'}: violations {r['slo_violation_rate']:.1%} "
-                  f"overall, {r['violation_rate_during_contention']:.1%} during contention, "
-                  f"{r['share_on_slowed_processor_during']:.0%} of requests on the slowed processor")
-    rows = [{**r, "group": f"{r['load']}x {r['slo']}"} for r in runs]
+    print_report(result)
+    rows = [{"policy": pol, "slo_violation_rate": s["slo_violation_rate"]["median"], "group": key}
+            for key, cell in summary.items() for pol, s in cell.items()]
     plot_violations_by_policy(rows, out.with_name(out.stem + "_violations.png"))
     if cdf_runs:
         plot_latency_cdf(cdf_runs, out.with_name(out.stem + "_latency_cdf.png"), normalized=True)
