@@ -17,6 +17,9 @@ what it waits for), net of the clock readings' own cost:
   model's own work on the worker's thread: not overhead);
 - ``per_request_us``: the overhead components' CPU over the completed requests.
 
+Means (``overhead_us``) and, per unit, medians and p99 (``p50_us``, ``p99_us``): a garbage
+collection or a cold cache lands in whichever component it hits.
+
 Twice per policy: on the device's processors (real inference) and on ``NullBackend``s
 that sleep each block's predicted ms and return zeros (``--no-null`` leaves them out):
 the same plans, queues and decisions, no model work, so that the runtime's own cost is
@@ -88,12 +91,13 @@ def _fmt(v: float | None, width: int = 8, digits: int = 1) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], key: str = "overhead_us") -> str:
+    """One line per run: µs per unit of each component (``key``: the mean, or ``p50_us``)."""
     head = f"{'backend':<7} {'policy':<11} " + " ".join(f"{c:>11}" for c in COMPONENTS)
     head += f" {'per req':>8} {'offered':>8} {'priced':>7} {'n':>5}"
     lines = [head]
     for r in rows:
-        us = r["overhead_us"]
+        us = r[key]
         lines.append(f"{r['backend']:<7} {r['policy']:<11} " + " ".join(_fmt(us[c], 11) for c in COMPONENTS)
                      + f" {_fmt(r['per_request_us'])} {_fmt(r['candidates_per_decision'], 8, 0)}"
                      + f" {_fmt(r['priced_per_decision'], 7, 1)} {r['counts']['completion']:>5}")
@@ -138,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print("µs of CPU: decision, submit, completion per request; begin per segment; block and backend_run "
-          "per block run; hand_off per hand-off; per req: all overhead over completed requests")
+          "per block run; hand_off per hand-off; per req: all overhead (means) over completed requests")
+    print("means:")
     print(table(rows))
+    print("medians (p99 in the JSON):")
+    print(table(rows, "p50_us"))
     print(f"wrote {out}")
     return 0
 

@@ -61,6 +61,7 @@ def test_counts_match_what_was_served(tmp_path: Path, adaptive: bool) -> None:
     assert all(meter.ns[c] > 0 for c in COMPONENTS)
     assert all(rep["raw_us"][c] > 0 for c in COMPONENTS)
     assert all(rep["overhead_us"][c] is not None and rep["overhead_us"][c] >= 0 for c in COMPONENTS)
+    assert all(rep[k][c] is not None and rep[k][c] >= 0 for k in ("p50_us", "p99_us") for c in COMPONENTS)
     assert rep["per_request_us"] > 0 and rep["timer_us"] > 0
     assert rep["candidates_per_decision"] == pytest.approx(1.0 if not adaptive else (8 * 20 + 4 * 10) / N)
     assert rep["priced_per_decision"] >= 1.0
@@ -73,6 +74,7 @@ def test_reset_forgets(tmp_path: Path) -> None:
     rep = meter.report()
     assert all(v == 0 for v in rep["counts"].values())
     assert all(v is None for v in rep["overhead_us"].values()) and rep["per_request_us"] is None
+    assert all(v is None for v in rep["p50_us"].values())
     assert rep["priced_per_decision"] is None
 
 

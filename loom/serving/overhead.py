@@ -23,14 +23,18 @@ sleeping backend costs nothing) and counts, per component:
   resolved (per completed request; a request ending in a backend error counts here too).
 
 Not counted: the worker loop's own queue operations and wake-up report
-(``loom.serving.edf``), requests refused before admission, and rejected ones' records.
+(``loom.serving.edf``), and requests refused by an exception out of ``submit`` (a request
+the scheduler rejects counts in ``decision`` and ``submit``, which emits its record).
 
 Each reading of the thread clock costs CPU too (a system call, ~0.5 µs on a VM), and a
 measured interval holds part of its own readings: the meter measures that cost when made
-(``timer_ns``) and reports each component net of the readings inside it
-(``overhead_us``) as well as raw (``raw_us``). When no meter is given the runtime's hot
-path pays one ``None`` check per site and nothing else; with one, a few readings per
-segment. Thread-safe: the workers report concurrently.
+(``timer_ns``) and reports each component net of the readings inside it (``overhead_us``)
+as well as raw (``raw_us``). Means are swayed by rare long intervals (a garbage
+collection runs in whichever call allocates when it falls due), so the report also gives
+the median and p99 per unit (``p50_us``, ``p99_us``) over the first ``samples`` intervals
+of each component (a block's interval is its segment's, per block). When no meter is
+given the runtime's hot path pays one ``None`` check per site and nothing else; with one,
+a few readings per segment. Thread-safe: the workers report concurrently.
 """
 
 from __future__ import annotations
@@ -66,9 +70,11 @@ def _timer_cost_ns(rounds: int = 5, n: int = 2000) -> float:
 class OverheadMeter:
     """Accumulates the runtime's CPU time per component; ``report`` gives µs per unit."""
 
-    def __init__(self, *, timer_ns: float | None = None) -> None:
-        """``timer_ns``: the cost of one clock reading (measured here when not given)."""
+    def __init__(self, *, timer_ns: float | None = None, samples: int = 20_000) -> None:
+        """``timer_ns``: the cost of one clock reading (measured here when not given);
+        ``samples``: intervals kept per component for the percentiles."""
         self.timer_ns = _timer_cost_ns() if timer_ns is None else float(timer_ns)
+        self.samples = samples
         self._lock = threading.Lock()
         self.reset()
 
@@ -79,6 +85,8 @@ class OverheadMeter:
             self.counts: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
             #: clock readings inside the measured intervals, per component (their cost is taken off)
             self.readings: dict[str, float] = dict.fromkeys(COMPONENTS, 0.0)
+            #: per component, (ns, units, readings) of the first ``samples`` intervals
+            self._kept: dict[str, list[tuple[int, int, float]]] = {c: [] for c in COMPONENTS}
             self.decisions = 0
             self.candidates = 0
             self.priced = 0
@@ -87,21 +95,23 @@ class OverheadMeter:
     def add(self, component: str, ns: int, n: int = 1, readings: float = 1.0) -> None:
         """``n`` units of ``component`` took ``ns`` of CPU, ``readings`` clock readings' worth included."""
         with self._lock:
-            self.ns[component] += ns
-            self.counts[component] += n
-            self.readings[component] += readings
+            self._count(component, ns, n, readings)
+
+    def _count(self, component: str, ns: int, n: int, readings: float) -> None:
+        self.ns[component] += ns
+        self.counts[component] += n
+        self.readings[component] += readings
+        kept = self._kept[component]
+        if len(kept) < self.samples:
+            kept.append((ns, n, readings))
 
     def admitted(self, t0: int, t1: int, t2: int, t3: int, candidates: int, priced: int) -> None:
         """One ``submit``: entered at ``t0``, the decision from ``t1`` to ``t2``, left at ``t3``;
         ``candidates`` offered to the decision, ``priced`` pricings it did."""
         with self._lock:
-            self.ns["decision"] += t2 - t1
-            self.counts["decision"] += 1
-            self.readings["decision"] += 1
+            self._count("decision", t2 - t1, 1, 1)
             # t1 and t2 lie wholly inside the submit's interval, minus the decision's share
-            self.ns["submit"] += (t3 - t0) - (t2 - t1)
-            self.counts["submit"] += 1
-            self.readings["submit"] += 2
+            self._count("submit", (t3 - t0) - (t2 - t1), 1, 2)
             self.decisions += 1
             self.candidates += candidates
             self.priced += priced
@@ -109,13 +119,9 @@ class OverheadMeter:
     def ran_blocks(self, segment_ns: int, run_ns: int, blocks: int) -> None:
         """A segment's ``blocks`` ran in ``segment_ns`` of CPU, ``run_ns`` of it inside the backend."""
         with self._lock:
-            self.ns["block"] += segment_ns - run_ns
-            self.counts["block"] += blocks
             # the segment's own pair of readings, and the run's pairs (each half outside its run)
-            self.readings["block"] += 1 + blocks
-            self.ns["backend_run"] += run_ns
-            self.counts["backend_run"] += blocks
-            self.readings["backend_run"] += blocks
+            self._count("block", segment_ns - run_ns, blocks, 1 + blocks)
+            self._count("backend_run", run_ns, blocks, blocks)
 
     # -- what a report reads ----------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -124,6 +130,7 @@ class OverheadMeter:
         with self._lock:
             ns, counts, readings = dict(self.ns), dict(self.counts), dict(self.readings)
             decisions, candidates, priced = self.decisions, self.candidates, self.priced
+            kept = {c: list(v) for c, v in self._kept.items()}
 
         def per(c: str, net: bool) -> float | None:
             if not counts[c]:
@@ -131,11 +138,17 @@ class OverheadMeter:
             total = ns[c] - (readings[c] * self.timer_ns if net else 0.0)
             return max(0.0, total) / counts[c] / 1e3
 
+        def quantile(c: str, q: float) -> float | None:
+            units = sorted(max(0.0, ns_ - r * self.timer_ns) / n / 1e3 for ns_, n, r in kept[c] if n)
+            return units[min(len(units) - 1, int(q * len(units)))] if units else None
+
         requests = counts["completion"]
         total_ns = sum(ns[c] - readings[c] * self.timer_ns for c in OVERHEAD)
         return {
             "overhead_us": {c: per(c, True) for c in COMPONENTS},
             "raw_us": {c: per(c, False) for c in COMPONENTS},
+            "p50_us": {c: quantile(c, 0.5) for c in COMPONENTS},
+            "p99_us": {c: quantile(c, 0.99) for c in COMPONENTS},
             "counts": counts,
             "per_request_us": max(0.0, total_ns) / requests / 1e3 if requests else None,
             "candidates_per_decision": candidates / decisions if decisions else None,
