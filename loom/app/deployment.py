@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,12 +30,16 @@ from loom.profiling.fitting import Estimates, dataset_digest, fit_estimates, par
 from loom.profiling.partitions import ensure_partitions
 from loom.serving.correction import LatencyCorrector
 from loom.serving.metrics import RequestRecord
+from loom.serving.overhead import OverheadMeter
 from loom.serving.runtime import Runtime, TaskBinding
 from loom.serving.scheduler import Scheduler
 from placement.assignment import assign
 from placement.plan import Plan, TaskSpace
 from placement.policies import get_policy
 from placement.queueing import latency_aware_mix
+
+if TYPE_CHECKING:
+    from backends.base import Backend
 
 
 # -- the optimizer's view of a task ---------------------------------------------------------------
@@ -232,14 +236,18 @@ class Deployment:
         return mix
 
     def runtime(self, policy_name: str, *, correction: bool | None = None,
-                on_record: Callable[[RequestRecord], None] | None = None) -> Runtime:
+                on_record: Callable[[RequestRecord], None] | None = None,
+                backends: Mapping[str, Backend] | None = None, meter: OverheadMeter | None = None) -> Runtime:
+        """The runtime serving the config's tasks under ``policy_name``; ``backends``: processor ->
+        backend in place of the device's (say, ``NullBackend``s); ``meter``: see ``loom.serving.overhead``."""
         policy = get_policy(policy_name)
         bindings = self.bindings(policy_name)
         mix = self.mixes({b.task: b.candidates for b in bindings}) if policy.adaptive else {}
-        rt = Runtime(device=self.device, tasks=bindings, policy_name=policy.name, adaptive=policy.adaptive,
-                     on_unservable=self.config.on_unservable, correction=self.corrector(correction),
-                     on_record=on_record, memory_budget_mb=self.config.memory_budget_mb,
-                     block_store=self.store, block_bytes=self.block_bytes(), rates=self.rates(), mix=mix)
+        rt = Runtime(device=self.device, backends=backends, tasks=bindings, policy_name=policy.name,
+                     adaptive=policy.adaptive, on_unservable=self.config.on_unservable,
+                     correction=self.corrector(correction), on_record=on_record,
+                     memory_budget_mb=self.config.memory_budget_mb, block_store=self.store,
+                     block_bytes=self.block_bytes(), rates=self.rates(), mix=mix, meter=meter)
         self.steer(rt.scheduler, policy.name, bindings, mix)
         return rt
 

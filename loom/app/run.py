@@ -9,19 +9,23 @@ peak RSS and errors. ``write_run`` writes a run's trace and timeline plot.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loom.app.arrivals import TraceItem, make_trace
 from loom.app.control import control_events
 from loom.app.deployment import Deployment
 from loom.core.progress import say
 from loom.serving.metrics import MetricsCollector, RequestRecord, RssSampler, summarize
+from loom.serving.overhead import OverheadMeter
 from loom.serving.runtime import Runtime
 from placement.policies import get_policy
+
+if TYPE_CHECKING:
+    from backends.base import Backend
 
 Timeline = Sequence[tuple[float, Callable[[], None]]]
 
@@ -48,16 +52,19 @@ def run_trace(
     events: Timeline = (),
     replan_s: float = 1.0,
     progress: bool = True,
+    backends: Mapping[str, Backend] | None = None,
+    meter: OverheadMeter | None = None,
 ) -> RunResult:
     """Serve the config's seeded trace with one policy, open loop, and measure it.
 
     ``rate_scale`` thins or thickens the trace (same seed, same order of tasks);
-    ``events``: extra actions at given seconds (a competing process starting, ...).
+    ``events``: extra actions at given seconds (a competing process starting, ...);
+    ``backends`` and ``meter``: as ``Deployment.runtime`` takes them.
     """
     duration, trace = trace_of(dep, duration_s, rate_scale)
     collector = MetricsCollector()
     policy = get_policy(policy_name)
-    rt = dep.runtime(policy_name, correction=correction, on_record=collector.record)
+    rt = dep.runtime(policy_name, correction=correction, on_record=collector.record, backends=backends, meter=meter)
     changes = control_events(dep, policy.name, rt, duration_s=duration, correction=correction, replan_s=replan_s,
                              clock=lambda: time.perf_counter() - start)
     timeline = sorted([*changes, *events], key=lambda e: e[0])

@@ -31,6 +31,7 @@ from loom.serving.cache import BlockCache
 from loom.serving.correction import LatencyCorrector
 from loom.serving.edf import JobKey
 from loom.serving.metrics import RequestRecord, slo_status
+from loom.serving.overhead import OverheadMeter, cpu_ns
 from loom.serving.pool import WorkerPool
 from loom.serving.preload import Key, Preloader, plan_keys, planned_shares
 from loom.serving.requests import Request, TaskBinding, rejected_record
@@ -95,9 +96,12 @@ class Runtime:
         mix: Mixes | None = None,
         clock: Callable[[], float] | None = None,
         pool: Callable[..., WorkerPool] = WorkerPool,
+        meter: OverheadMeter | None = None,
     ) -> None:
         """``clock``: seconds for every time the runtime takes (default: since it was made);
-        ``pool``: the kind of worker pool (the simulator gives one of simulated workers)."""
+        ``pool``: the kind of worker pool (the simulator gives one of simulated workers);
+        ``meter``: measures the runtime's own CPU cost per request, component by component
+        (``loom.serving.overhead``; None: nothing measured, nothing paid)."""
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
         self.device = device
@@ -106,6 +110,7 @@ class Runtime:
         self.preload = preload
         self.corrector = correction if correction is not None else LatencyCorrector()
         self.on_record = on_record
+        self.meter = meter
         given = dict(backends or {})
         self.processors: list[str] = _processor_names(device, given)
         #: None: no budget, every block may stay resident (the behaviour before the preloader)
@@ -216,6 +221,8 @@ class Runtime:
         (``TaskBinding.check_inputs``) and ``RuntimeClosedError`` after ``close``, before
         anything is registered; every other failure arrives through the future.
         """
+        meter = self.meter
+        t0 = cpu_ns() if meter is not None else 0
         if deadline_ms is not None and not deadline_ms > 0:
             raise ConfigError(f"runtime: deadline_ms must be > 0, got {deadline_ms}")
         future: Future = Future()
@@ -229,10 +236,13 @@ class Runtime:
             arrival = self.now()
             bound = float(deadline_ms) if deadline_ms is not None else float(binding.latency_ms)
             deadline = arrival + bound / 1e3
+            t1 = cpu_ns() if meter is not None else 0
             decision, reservations = self.scheduler.admit(
                 task, binding.candidates, now_s=arrival, deadline_s=deadline,
                 accuracy_floor=binding.accuracy_floor, adaptive=self.adaptive, priority=binding.priority,
             )
+            if meter is not None:
+                t2, priced = cpu_ns(), self.scheduler.priced  # admissions are serialized by _lock
             rid = next(self._ids)
             self._counts["submitted"] += 1
             req = None if decision.plan is None else Request(
@@ -245,13 +255,15 @@ class Runtime:
                 self._live[rid] = req
         if req is None:
             self._reject(rid, binding, arrival, bound, decision, future)
-            return future
-        try:
-            if self.preloader is not None:
-                self.preloader.record_use(req.plan, arrival)  # what is hot follows what is chosen
-            self._enqueue(req, 0, env)
-        except BaseException as exc:  # registered: from here on it ends through its future
-            self._end(req, error=exc)
+        else:
+            try:
+                if self.preloader is not None:
+                    self.preloader.record_use(req.plan, arrival)  # what is hot follows what is chosen
+                self._enqueue(req, 0, env)
+            except BaseException as exc:  # registered: from here on it ends through its future
+                self._end(req, error=exc)
+        if meter is not None:
+            meter.admitted(t0, t1, t2, cpu_ns(), len(binding.candidates), priced)
         return future
 
     def set_slo(self, task: str, *, latency_ms: float | None = None, accuracy_floor: float | None = None) -> None:
@@ -353,6 +365,8 @@ class Runtime:
         """Segment ``i`` starts on its processor now; False when ``req`` already ended (cancelled)."""
         if req.ended:
             return False
+        meter = self.meter
+        t0 = cpu_ns() if meter is not None else 0
         now = self.now()
         if now > req.deadline_s and self.scheduler.on_unservable == "reject":
             self._end(req, error=OverloadError(
@@ -362,6 +376,8 @@ class Runtime:
         self.scheduler.start(req.reservations[i], now)
         if req.start_s is None:
             req.start_s = now
+        if meter is not None:
+            meter.add("begin", cpu_ns() - t0)
         return True
 
     def _execute_segment(self, req: Request, i: int, env: dict[str, np.ndarray]) -> LoadedBlock | BackendError:
@@ -375,16 +391,23 @@ class Runtime:
     def _finish_segment(self, req: Request, i: int, env: dict[str, np.ndarray],
                         outcome: LoadedBlock | BackendError) -> None:
         """After the segment: release its reservation, then hand off to the next one or deliver."""
+        meter = self.meter
+        t0 = cpu_ns() if meter is not None else 0
         self.scheduler.finish(req.reservations[i])
         if isinstance(outcome, BackendError):
             self._end(req, error=outcome)
-            return
-        self._pool.maybe_prefetch(req.segments[i][0])
-        if i + 1 < len(req.segments):
-            if not req.ended:
-                self._enqueue(req, i + 1, env)
-            return
-        self._deliver(req, outcome, env)
+            kind = "completion"
+        else:
+            self._pool.maybe_prefetch(req.segments[i][0])
+            if i + 1 < len(req.segments):
+                if not req.ended:
+                    self._enqueue(req, i + 1, env)
+                kind = "hand_off"
+            else:
+                self._deliver(req, outcome, env)
+                kind = "completion"
+        if meter is not None:
+            meter.add(kind, cpu_ns() - t0)
 
     def _run_blocks(
         self, req: Request, proc: str, slots: list[int], cache: BlockCache, env: dict[str, np.ndarray]
@@ -394,6 +417,9 @@ class Runtime:
         A block loads first when it is not resident (its load counts in the latency).
         Any failure comes out as a ``BackendError`` naming the block and processor.
         """
+        meter = self.meter
+        seg0 = cpu_ns() if meter is not None else 0
+        run_ns = 0
         backend = cache.backend
         block_id = req.plan.block_ids[slots[0]]
         # held while the segment runs: a load on another worker must not evict them
@@ -404,7 +430,13 @@ class Runtime:
                 block_id = req.plan.block_ids[s]
                 block = cache.get(block_id, protect)
                 t0 = self.now()
-                out = backend.run(block, {n: env[n] for n in block.input_names if n in env})
+                feeds = {n: env[n] for n in block.input_names if n in env}
+                if meter is None:
+                    out = backend.run(block, feeds)
+                else:
+                    r0 = cpu_ns()
+                    out = backend.run(block, feeds)
+                    run_ns += cpu_ns() - r0
                 t1 = self.now()
                 env.update(out)
                 req.spans.append((proc, block_id, t0, t1))
@@ -416,6 +448,8 @@ class Runtime:
             ) from exc
         finally:
             cache.unhold()
+        if meter is not None:
+            meter.ran_blocks(cpu_ns() - seg0, run_ns, len(slots))
         return block
 
     def _deliver(self, req: Request, block: LoadedBlock, env: dict[str, np.ndarray]) -> None:

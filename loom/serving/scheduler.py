@@ -76,6 +76,10 @@ class Scheduler:
         #: stays bounded at any offered load
         self.late_bound_factor = 10.0
         self._cheapest_memo: dict[tuple[int, float], tuple[Sequence[Plan], int]] = {}
+        #: candidate pricings the last ``admit`` did (a plan priced twice counts twice; a
+        #: candidate table counts its rows): a few integer adds per decision, read by
+        #: ``loom.serving.overhead`` under the runtime's lock
+        self.priced = 0
         self._procs_memo: dict[int, tuple[Sequence[Plan], set[str]]] = {}
         #: a processor whose running job has taken ``stuck_factor`` times its predicted ms, and
         #: at least ``stuck_floor_s``, is unhealthy: booked forever for new requests until that
@@ -309,6 +313,7 @@ class Scheduler:
         # set under the lock, read by every pricing of this decision
         self._load = self._load_cost()
         if not adaptive:
+            self.priced += 1
             c = self._price(0, candidates[0], now_s, free, view, memo)
             accurate = c.plan.accuracy >= floor
             on_time = c.finish_s <= deadline_s
@@ -326,6 +331,7 @@ class Scheduler:
                 return picked
         best, earliest, n_accurate, n_feasible = self._best(candidates, now_s, deadline_s, floor, free, view, memo)
         if best is not None:
+            self.priced += 1
             c = self._price(best, candidates[best], now_s, free, view, memo)
             return Decision(
                 c.plan, c.finish_s, True, f"least busy of {n_feasible} feasible of {len(candidates)}", c.segment_ms
@@ -334,11 +340,13 @@ class Scheduler:
             why = "none meets the accuracy floor" if not n_accurate else "none predicted to meet the deadline"
             return Decision(None, math.inf, False, f"{why} ({len(candidates)} candidates): rejected")
         if earliest is not None:
+            self.priced += 1
             c = self._price(earliest, candidates[earliest], now_s, free, view, memo)
             return Decision(c.plan, c.finish_s, False, "no candidate meets the deadline: earliest finish",
                             c.segment_ms)
         top = max(p.accuracy for p in candidates)
         accurate = [self._price(i, p, now_s, free, view, memo) for i, p in enumerate(candidates) if p.accuracy == top]
+        self.priced += len(accurate)
         best = min(accurate, key=lambda c: (c.finish_s, c.index))
         return Decision(best.plan, best.finish_s, False, "no candidate meets the accuracy floor: most accurate",
                         best.segment_ms)
@@ -359,6 +367,7 @@ class Scheduler:
         total = sum(chosen.values()) + 1
         best: tuple[float, float, float, Priced] | None = None
         load = self._load
+        n = 0
         for i, p in enumerate(candidates):
             share = mix.get((p.config, p.placement))
             if share is None or p.accuracy < floor:
@@ -369,10 +378,12 @@ class Scheduler:
                 # request needs (thrashing). The full rule below prices the loads.
                 continue
             c = self._price(i, p, now_s, free, view, memo)
+            n += 1
             late = 0.0 if c.finish_s <= deadline_s else 1.0
             key = (late, -(share * total - chosen.get((p.config, p.placement), 0)), c.finish_s)
             if best is None or key < best[:3]:
                 best = (*key, c)
+        self.priced += n
         if best is None:
             return None
         c = best[3]
@@ -406,6 +417,7 @@ class Scheduler:
                 self._tables.clear()
             table = self._tables[id(candidates)] = CandidateTable(candidates)
         finish, busy = table.price(now_s, free, view, self._load)
+        self.priced += len(candidates)
         accurate = table.accuracy >= floor
         feasible = accurate & (finish <= deadline_s)
         n_acc, n_feas = int(accurate.sum()), int(feasible.sum())
@@ -447,6 +459,7 @@ class Scheduler:
                 key = (round(c.busy_ms, 9), c.finish_s)
                 if best_key is None or key < best_key:
                     best_key, best = key, i
+        self.priced += n_acc
         return best, None if earliest is None else earliest.index, n_acc, n_feas
 
     # -- admission and the workers' reports ------------------------------------------------
@@ -467,6 +480,7 @@ class Scheduler:
         the same idle processor and pile onto it.
         """
         with self._lock:
+            self.priced = 0
             key = (deadline_s, -priority)
             free = self._free_at(now_s, key)
             if candidates and self._hopeless(candidates, now_s, deadline_s, free):
@@ -511,12 +525,14 @@ class Scheduler:
         self._load = self._load_cost()
         free, view = self._free_at(now_s, key), self._view(now_s)
         c = self._price(i, candidates[i], now_s, free, view, {})
+        self.priced += 1
         if adaptive and math.isinf(c.finish_s):  # it needs an unhealthy processor: the cheapest without
             avoid = {p for p, t in free.items() if math.isinf(t)}
             ok = [j for j, p in enumerate(candidates) if avoid.isdisjoint(p.placement)]
             if ok:
                 j = ok[_least_cost([candidates[j] for j in ok], floor)]
                 c = self._price(j, candidates[j], now_s, free, view, {})
+                self.priced += 1
         if math.isinf(c.finish_s):
             stuck = sorted(p for p, t in free.items() if math.isinf(t))
             return Decision(None, math.inf, False, f"every plan needs an unhealthy processor {stuck} (a call stuck "
