@@ -35,6 +35,9 @@ with the tasks of ``configs/serve.yaml``, in one process, one policy after anoth
   violations, loose SLO: from the best static plan's capacity, x1.5 steps up (or down)
   until a probe passes and one fails, then 3 bisections, ``--capacity-duration`` seconds
   per probe (``--no-capacity``: none);
+- ``overhead_us``: the runtime's own CPU per request by component (decision, submit,
+  hand-off, block wrapper, completion; ``scripts/bench_overhead.py``), from one metered run
+  of sparseloom and sv-lo-np at 1.0x, loose (``--no-overhead``: none);
 - **drift**: sparseloom at 0.5x load (healthy before the contention, so that what the
   contention costs is what is measured), with a competing busy process pinned to the
   first processor's core for the middle third of the run, with the online latency
@@ -66,6 +69,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_overhead import overhead_us  # noqa: E402
 from serving_report import median, print_report, ratios_of, row_of, summarize_cells  # noqa: E402
 from zoo_check import zoo_config  # noqa: E402
 
@@ -183,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity-duration", type=float, default=4.0, help="seconds per probe of a capacity search")
     ap.add_argument("--capacity-probes", type=int, default=12, help="at most this many probes per capacity search")
     ap.add_argument("--no-capacity", action="store_true", help="no capacity search per policy (capacity_rps)")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="no metered run (overhead_us: the runtime's CPU per request, by component)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drift-duration", type=float, default=18.0)
     ap.add_argument("--no-drift", action="store_true")
@@ -251,12 +257,22 @@ def main(argv: list[str] | None = None) -> int:
                 dep, base, name, start_rps=capacity, mix=mix, seed=args.seed, duration_s=args.capacity_duration,
                 growth=1.5, bisections=3, max_probes=args.capacity_probes)
 
+    overhead: dict[str, Any] = {}
+    if not args.no_overhead:  # a run of its own, meter on: the other runs pay nothing for it
+        dep.config = scenario(base, total_rps=capacity, mix=mix, bound_scale=1.0, duration_s=args.duration,
+                              seed=args.seed)
+        for name in ("sparseloom", "sv-lo-np"):
+            overhead[name] = overhead_us(dep, name)
+            say(f"overhead (1.0/loose, meter on) {name}: " + ", ".join(
+                f"{k} {v:.0f} us" for k, v in overhead[name].items() if v is not None))
+
     summary = summarize_cells(runs)
     measured = {c: median(v) for c, v in measured_runs.items()}
     result: dict[str, Any] = {
         "zoo": zoo, "repeats": args.repeats, "runs": runs, "cells": summary, "goodput_bound_rps": bounds,
         "measured_bound_rps": measured, "measured_bound_by_repeat": measured_runs,
         "ratios": ratios_of(summary, bounds, measured), "capacity_rps": capacities,
+        "overhead_us": overhead.get("sparseloom", {}), "overhead_us_by_policy": overhead,
         "settings": {"config": args.config, "capacity_rps": capacity, "capacity_policy": who, "mix": mix,
                      "capacity_fluid_rps": fluid_capacity, "capacity_search": steps,
                      "policy_capacity_search": capacity_steps, "capacity_probe_s": args.capacity_duration,
@@ -274,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     print_report(result)
+    for name, o in overhead.items():
+        print(f"runtime CPU per unit, {name} (1.0/loose, metered run): "
+              + ", ".join(f"{k} {v:.0f} us" for k, v in o.items() if v is not None))
     rows = [{"policy": pol, "slo_violation_rate": s["slo_violation_rate"]["median"], "group": key}
             for key, cell in summary.items() for pol, s in cell.items()]
     plot_violations_by_policy(rows, out.with_name(out.stem + "_violations.png"))

@@ -100,4 +100,6 @@ def test_quick_run_on_the_embedded_zoo(tmp_path):
     assert set(result["capacity_rps"]) == set(policies) and all(v >= 0 for v in result["capacity_rps"].values())
     assert all(len(steps) <= 3 for steps in result["settings"]["policy_capacity_search"].values())
     assert set(result["measured_bound_rps"]) == set(cells) and set(result["ratios"]) == set(cells)
+    assert set(result["overhead_us_by_policy"]) == {"sparseloom", "sv-lo-np"}
+    assert result["overhead_us"]["decision"] > 0 and result["overhead_us"]["completion"] > 0
     assert "drift" not in result and (tmp_path / "serving_violations.png").is_file()
