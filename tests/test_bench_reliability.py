@@ -19,10 +19,7 @@ from reliability_cases import catalogue  # noqa: E402
 pytestmark = pytest.mark.slow
 
 #: cases that expose a bug outside the benchmark's files (reported; see the benchmark's report)
-KNOWN: dict[str, str] = {
-    "manifest_truncated_in_variants": "a family.yaml cut inside its variants list is valid YAML and loads "
-                                      "with fewer variants (loom/model/family.py)",
-}
+KNOWN: dict[str, str] = {}
 BAD = ("generic_error", "hang", "crash", "silent_wrong")
 
 
@@ -44,13 +41,6 @@ def test_the_catalogue_is_large_and_covers_every_category(rows: list[dict[str, A
 def test_no_case_is_untyped_hung_crashed_or_silently_wrong(rows: list[dict[str, Any]]) -> None:
     bad = {r["name"]: r["message"] for r in rows if r["outcome"] in BAD and r["name"] not in KNOWN}
     assert not bad, json.dumps(bad, indent=1)
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN))
-def test_known_findings(rows: list[dict[str, Any]], name: str) -> None:
-    row = next(r for r in rows if r["name"] == name)
-    if row["outcome"] in BAD:
-        pytest.xfail(f"{name}: {KNOWN[name]}")
 
 
 def test_a_hang_and_a_crash_are_told_apart() -> None:

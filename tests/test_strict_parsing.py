@@ -490,3 +490,22 @@ def test_corrupt_block_store_index(store_copy, how):
 def test_block_store_index_of_the_wrong_shape(store_copy, edit, field):
     edit_json(store_copy / INDEX_FILE, edit)
     raises_typed(ManifestError, lambda: BlockStore(store_copy), INDEX_FILE, field)
+
+
+# -- a manifest cut short inside its lists is refused, not loaded with fewer variants --------
+def test_save_writes_counts_and_a_manifest_cut_inside_its_variants_is_refused(family_copy):
+    fam = load_family(family_copy)
+    fam.save()  # writes variant_count and cut_count before the lists
+    text = (family_copy / "family.yaml").read_text()
+    n = len(fam.variants)
+    assert f"variant_count: {n}\n" in text and text.index("variant_count:") < text.index("\nvariants:")
+    assert not list(family_copy.glob(".family.yaml.*"))  # the temporary file is gone
+    lines = text.splitlines(keepends=True)
+    last_variant = max(i for i, line in enumerate(lines) if line.startswith("- name:"))
+    (family_copy / "family.yaml").write_text("".join(lines[:last_variant]))  # still valid YAML
+    raises_typed(ManifestError, lambda: load_family(family_copy), "variant_count", f"lists {n - 1}", "cut short")
+
+
+def test_a_manifest_without_counts_still_loads(family_copy):
+    rewrite_manifest(family_copy, lambda d: [d.pop("variant_count", None), d.pop("cut_count", None)])
+    assert load_family(family_copy).manifest.variant_count is None

@@ -8,6 +8,7 @@ and reports every problem in one ``ManifestError`` that names the file and the f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -98,6 +99,11 @@ class Manifest(Strict):
     metric: Metric = Metric()
     eval_data: DataSpec
     calib_data: DataSpec
+    #: how many variants and cuts follow, written by ``Family.save`` and checked by
+    #: ``load_family`` (not on assignment: code edits the lists in memory): a manifest cut
+    #: short inside its lists is still valid YAML, and would otherwise load with fewer
+    variant_count: int | None = Field(default=None, ge=1)
+    cut_count: int | None = Field(default=None, ge=0)
     variants: list[Variant] = Field(min_length=1)
     cuts: list[Cut] = Field(default_factory=list)
 
@@ -229,9 +235,32 @@ class Family:
 
     # -- writing -------------------------------------------------------------------
     def save(self) -> Path:
-        data = self.manifest.model_dump(mode="json", exclude_none=True)
-        self.path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+        """Write the manifest (with its counts) atomically: a crash leaves the old file or the new one."""
+        data: dict = {}
+        for key, value in self.manifest.model_dump(mode="json", exclude_none=True).items():
+            if key == "variants":
+                data["variant_count"], data["cut_count"] = len(self.manifest.variants), len(self.manifest.cuts)
+            if key not in ("variant_count", "cut_count"):
+                data[key] = value
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return self.path
+
+
+def _check_counts(manifest: Manifest) -> list[str]:
+    """A count the file states that its list does not match (the file was cut short or edited)."""
+    problems = []
+    for field, count, items in (("variant_count", manifest.variant_count, manifest.variants),
+                                ("cut_count", manifest.cut_count, manifest.cuts)):
+        if count is not None and count != len(items):
+            what = field.removesuffix("_count") + "s"
+            problems.append(f"{field}: {count}, but {what} lists {len(items)} (the file was cut short or "
+                            f"edited by hand: fix the count or the list)")
+    return problems
 
 
 def _outside(root: Path, rel: str, field: str) -> str | None:
@@ -289,7 +318,7 @@ def load_family(path: str | Path, *, allow_outside: bool = False) -> Family:
         path = path / MANIFEST
     data = read_yaml(path, ManifestError)
     manifest = validate(Manifest, data, source=str(path), error=ManifestError)
-    problems = _check_files(manifest, path.parent, allow_outside=allow_outside)
+    problems = _check_counts(manifest) + _check_files(manifest, path.parent, allow_outside=allow_outside)
     if problems:
         raise ManifestError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return Family(manifest, path.parent)
