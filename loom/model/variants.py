@@ -426,6 +426,24 @@ def _unstructured_pruner(family: Family, base: onnx.ModelProto, pruner: str | No
     return calibrate(base, feeds, prunable_weights(base)), ""
 
 
+def _add_unstructured(family: Family, base: onnx.ModelProto, source: str, sparsities: Sequence[float],
+                      pruner: str | None, say: Progress) -> None:
+    """The unstructured variants of ``base``, by Wanda or by magnitude (``make_variants``)."""
+    calibration, fallback = _unstructured_pruner(family, base, pruner, say)
+    for s in sparsities:
+        name = f"unstructured-{round(s * 100)}-pt"
+        say(f"{family.task}: {name}")
+        if calibration is not None:
+            pruned = prune_wanda(base, s, calibration)
+            how = _wanda_made_by(calibration, base)
+            made_by = f"loom: Wanda pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved; {how}), no fine-tuning"
+        else:
+            pruned = prune_unstructured(base, s)
+            made_by = (f"loom: per-layer magnitude pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved)"
+                       f"{fallback}, no fine-tuning")
+        _add_made(family, name, pruned, kind="unstructured", fine_tuned="no", made_by=made_by)
+
+
 def _wanda_made_by(calibration: Calibration, base: onnx.ModelProto) -> str:
     """How a Wanda variant was scored, for its ``made_by``."""
     dims = {t.name: list(t.dims) for t in base.graph.initializer if t.name in calibration.uses}
@@ -465,19 +483,8 @@ def make_variants(
     src_path = family.variant_path(source)
     base = load_model(src_path)
     keep = preserved_tensors(base)
-    calibration, fallback = _unstructured_pruner(family, base, pruner, say) if unstructured else (None, "")
-    for s in unstructured:
-        name = f"unstructured-{round(s * 100)}-pt"
-        say(f"{family.task}: {name}")
-        if calibration is not None:
-            pruned = prune_wanda(base, s, calibration)
-            how = _wanda_made_by(calibration, base)
-            made_by = f"loom: Wanda pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved; {how}), no fine-tuning"
-        else:
-            pruned = prune_unstructured(base, s)
-            made_by = (f"loom: per-layer magnitude pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved)"
-                       f"{fallback}, no fine-tuning")
-        _add_made(family, name, pruned, kind="unstructured", fine_tuned="no", made_by=made_by)
+    if unstructured:
+        _add_unstructured(family, base, source, unstructured, pruner, say)
     for s in structured:
         name = f"structured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")

@@ -1,35 +1,13 @@
 """Calibration-aware unstructured pruning, Wanda style (Sun et al. 2023, "A Simple and
 Effective Pruning Approach for Large Language Models").
 
-A weight's score is ``|W_ij| * ||X_j||_2``: its magnitude times the L2 norm of the input
-feature it multiplies, over the calibration data. Scores are compared within each output
-row (one output neuron of a Gemm/MatMul, one output channel of a Conv) and the lowest
-``sparsity`` share of every row is zeroed: each row loses exactly
-``round(sparsity * row length)`` weights. Nothing is retrained.
-
-Where the input features live, per op (``WeightUse``):
-
-- ``MatMul(X, W)``, W ``[in, out]``: feature j is X's last axis; a row is a column of W.
-  ``MatMul(W, X)`` (constant left operand), W ``[out, in]``: feature j is X's axis -2.
-- ``Gemm``: ``transA``/``transB`` say which axis of W (and of the activation) holds the
-  features; ``Gemm(W, X)`` with a constant A is handled as well.
-- ``Conv`` W ``[O, I/g, kh, kw]``: the norm of input channel c is over batch and spatial
-  positions; output channel o of group ``o // (O/g)`` reads channels
-  ``group * I/g ... (group + 1) * I/g - 1``. A row is the ``I/g * kh * kw`` weights of one
-  output channel.
-- A conv with one input channel per output (depthwise, ``I/g == 1``) has rows of only
-  ``kh * kw`` weights that all share one input norm, so per row the score would be plain
-  magnitude and every channel would lose the same share. Its scores are compared across
-  the whole tensor instead: channels whose input carries more signal keep more weights.
-
-A weight whose activation cannot be read (both operands constant, a batched 3-D MatMul
-weight, a weight shared by nodes that read it along different axes, non-finite
-activations) is pruned by magnitude across its tensor; ``Calibration.magnitude`` says
-which and why.
-
-Activations are read by running the model on onnxruntime (CPU) with every weighted node's
-input tensor added as a graph output, batch by batch (``runref.iter_batches``), keeping
-only per-feature sums of squares.
+A weight's score is ``|W_ij| * ||X_j||_2``, its magnitude times the L2 norm of the input
+feature it multiplies over the calibration data; the lowest ``sparsity`` share of every
+output row (a Gemm/MatMul output neuron, a Conv output channel) is zeroed. ``calibrate``
+reads the norms in one onnxruntime pass with the weighted nodes' inputs as extra outputs,
+keeping only per-feature sums of squares; ``prune_wanda`` prunes. How each op's weight maps
+to its input features, why depthwise convs are compared across the tensor and when a
+weight falls back to magnitude: ``docs/model.md``.
 """
 
 from __future__ import annotations
