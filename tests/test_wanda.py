@@ -231,3 +231,14 @@ def test_a_family_without_calibration_data_falls_back_to_magnitude_and_says_so(t
         make_variants(family, unstructured=[0.5], pruner="wanda")
     with pytest.raises(ValueError, match="pruner must be one of"):
         make_variants(family, unstructured=[0.5], pruner="sparsegpt")
+
+
+def test_the_cli_chooses_the_pruner(tmp_path, capsys):
+    from loom.cli import main
+
+    family = _family(tmp_path)
+    assert main(["variants", "make", str(family.root), "--unstructured", "40", "--pruner", "magnitude"]) == 0
+    assert load_family(tmp_path).variant("unstructured-40-pt").made_by.startswith("loom: per-layer magnitude pruning")
+    assert main(["variants", "make", str(family.root), "--unstructured", "40"]) == 0
+    assert load_family(tmp_path).variant("unstructured-40-pt").made_by.startswith("loom: Wanda pruning")
+    capsys.readouterr()
