@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         prune_unstructured,
         quantize_int8,
     )
+    from loom.model.wanda import Calibration, calibrate, prune_wanda
     from loom.processors.device import DeviceProfile, load_device_profile
     from loom.profiling.dataset import ProfileDataset, load_profile_dataset
     from loom.profiling.fitting import Estimates, fit_estimates
@@ -68,6 +69,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loom.model.family": ("Family", "Manifest", "Variant", "load_family"),
     "loom.model.variants": ("convert_fp16", "init_family", "make_variants", "prune_structured",
                             "prune_unstructured", "quantize_int8"),
+    "loom.model.wanda": ("Calibration", "calibrate", "prune_wanda"),
     # partitioning and stitching
     "loom.model.align": ("AlignmentReport", "CutTolerance", "align", "choose_cuts"),
     "loom.model.cutting": ("partition_family",),

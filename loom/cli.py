@@ -44,7 +44,7 @@ def cmd_variants_init(a: argparse.Namespace) -> int:
 
 def cmd_variants_make(a: argparse.Namespace) -> int:
     fam = api.make_variants(a.family, unstructured=a.unstructured or [], structured=a.structured or [],
-                            int8=a.int8, fp16=a.fp16, source=a.source, progress=api.say)
+                            int8=a.int8, fp16=a.fp16, source=a.source, pruner=a.pruner, progress=api.say)
     _print_variants(fam)
     return 0
 
@@ -230,6 +230,9 @@ def _variants_parser(sub: Commands) -> None:
     p.add_argument("--int8", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--source", default="dense")
+    p.add_argument("--pruner", choices=["wanda", "magnitude"],
+                   help="how --unstructured chooses weights: wanda (|W|*||X|| on the calibration data) or "
+                        "magnitude; default: wanda when the family has calibration samples, else magnitude")
     p.set_defaults(fn=cmd_variants_make)
     p = v.add_parser("list")
     p.add_argument("family")

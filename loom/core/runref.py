@@ -79,14 +79,28 @@ def run_batched(
     batch: int = EVAL_BATCH,
 ) -> dict[str, np.ndarray]:
     """Run ``sess`` over the first axis of ``feeds`` in batches; concatenate the outputs."""
-    n = len(next(iter(feeds.values())))
     names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for got in iter_batches(sess, feeds, names, batch=batch):
+        for k, v in got.items():
+            parts[k].append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def iter_batches(
+    sess: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+    *,
+    batch: int = EVAL_BATCH,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``sess`` over the first axis of ``feeds`` in batches and yield each batch's outputs
+    (for statistics that should not hold every batch's tensors at once)."""
+    n = len(next(iter(feeds.values())))
+    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
     for start in range(0, n, batch):
         chunk = {k: v[start : start + batch] for k, v in feeds.items()}
-        for k, v in zip(names, sess.run(names, chunk), strict=True):
-            parts[k].append(np.asarray(v))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+        yield {k: np.asarray(v) for k, v in zip(names, sess.run(names, chunk), strict=True)}
 
 
 def predicted_classes(outputs: np.ndarray, *, name: str = "outputs", nonfinite: NonFinite = "raise") -> np.ndarray:

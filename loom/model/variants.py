@@ -1,5 +1,8 @@
 """Variants of one dense ONNX model, made without retraining: pruned, structured, int8, fp16.
 
+Unstructured variants are pruned with Wanda's calibration-aware score (``wanda.py``) when
+the family has calibration data, by magnitude (``prune_unstructured``) otherwise or on request.
+
 ``make_variants`` adds such variants to a family and records each one's accuracy. The
 nodes that write a family's cut tensors stay float, so cuts survive quantization.
 How each kind is made and why: ``docs/model.md``.
@@ -23,9 +26,12 @@ from loom.model.family import DataSpec, Family, Manifest, Metric, Variant, load_
 from loom.model.importing import normalize_model, read_sample, tensor_spec
 from loom.model.precision import CHANNELWISE, convert_fp16, preserved_tensors, quantize_int8
 from loom.model.scoring import score, targets
+from loom.model.wanda import Calibration, calibrate, per_row, prune_wanda
 
 Progress = Callable[[str], None]
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}
+#: the unstructured pruners: calibration-aware (``wanda.py``) and per-tensor magnitude
+PRUNERS = ("wanda", "magnitude")
 
 
 def _set_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
@@ -403,6 +409,54 @@ def _add_made(family: Family, name: str, model: onnx.ModelProto, **record: objec
     add_variant(family, name, target, accuracy=accuracy, normalize=False, **record)  # type: ignore[arg-type]
 
 
+def _unstructured_pruner(family: Family, base: onnx.ModelProto, pruner: str | None,
+                         say: Progress) -> tuple[Calibration | None, str]:
+    """Wanda's calibration of ``base`` (None: magnitude pruning) and, for a fallback, why."""
+    if pruner == "magnitude":
+        return None, ""
+    feeds = family.calib_feeds()
+    samples = len(next(iter(feeds.values())))
+    if samples == 0:
+        why = f"the calibration data ({family.manifest.calib_data.file}) has no samples"
+        if pruner == "wanda":
+            raise ManifestError(f"{family.path}: calib_data: Wanda pruning needs calibration samples; {why}")
+        say(f"{family.task}: magnitude pruning for the unstructured variants: {why}")
+        return None, f" (not Wanda: {why})"
+    say(f"{family.task}: Wanda calibration on {samples} samples")
+    return calibrate(base, feeds, prunable_weights(base)), ""
+
+
+def _add_unstructured(family: Family, base: onnx.ModelProto, source: str, sparsities: Sequence[float],
+                      pruner: str | None, say: Progress) -> None:
+    """The unstructured variants of ``base``, by Wanda or by magnitude (``make_variants``)."""
+    calibration, fallback = _unstructured_pruner(family, base, pruner, say)
+    for s in sparsities:
+        name = f"unstructured-{round(s * 100)}-pt"
+        say(f"{family.task}: {name}")
+        if calibration is not None:
+            pruned = prune_wanda(base, s, calibration)
+            how = _wanda_made_by(calibration, base)
+            made_by = f"loom: Wanda pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved; {how}), no fine-tuning"
+        else:
+            pruned = prune_unstructured(base, s)
+            made_by = (f"loom: per-layer magnitude pruning of {source} to {s:.0%} ({weight_sparsity(pruned):.2%} achieved)"
+                       f"{fallback}, no fine-tuning")
+        _add_made(family, name, pruned, kind="unstructured", fine_tuned="no", made_by=made_by)
+
+
+def _wanda_made_by(calibration: Calibration, base: onnx.ModelProto) -> str:
+    """How a Wanda variant was scored, for its ``made_by``."""
+    dims = {t.name: list(t.dims) for t in base.graph.initializer if t.name in calibration.uses}
+    depthwise = sum(1 for name, u in calibration.uses.items() if not per_row(u, dims[name]))
+    parts = [f"|W|*||X|| compared within each output row, ||X|| over {calibration.samples} calibration samples"]
+    if depthwise:
+        parts.append(f"{depthwise} depthwise conv(s) compared across the tensor")
+    if calibration.magnitude:
+        parts.append(f"{len(calibration.magnitude)} weight(s) by magnitude across the tensor "
+                     f"({'; '.join(sorted(set(calibration.magnitude.values()))[:3])})")
+    return "; ".join(parts)
+
+
 def make_variants(
     family: Family | str | Path,
     *,
@@ -411,19 +465,26 @@ def make_variants(
     int8: bool = False,
     fp16: bool = False,
     source: str = "dense",
+    pruner: str | None = None,
     progress: Progress | None = None,
 ) -> Family:
-    """Add post-training variants of ``source`` to a family and record their accuracy."""
+    """Add post-training variants of ``source`` to a family and record their accuracy.
+
+    ``pruner`` makes the unstructured variants: ``"wanda"`` scores weights by magnitude times
+    the norm of their input on the family's calibration data (``wanda.py``), ``"magnitude"``
+    by magnitude alone (``prune_unstructured``); None: Wanda when the family has calibration
+    samples, else magnitude, and ``progress`` and the variant's ``made_by`` say so. The
+    sparsity recorded is the share of zeros actually reached.
+    """
     family = family if isinstance(family, Family) else load_family(family)
     say = progress or (lambda _m: None)
+    if pruner is not None and pruner not in PRUNERS:
+        raise ValueError(f"pruner must be one of {PRUNERS} (or None: wanda when there is calibration data), got {pruner!r}")
     src_path = family.variant_path(source)
     base = load_model(src_path)
     keep = preserved_tensors(base)
-    for s in unstructured:
-        name = f"unstructured-{round(s * 100)}-pt"
-        say(f"{family.task}: {name}")
-        _add_made(family, name, prune_unstructured(base, s), kind="unstructured",
-                  fine_tuned="no", made_by=f"loom: per-layer magnitude pruning of {source} to {s:.0%}, no fine-tuning")
+    if unstructured:
+        _add_unstructured(family, base, source, unstructured, pruner, say)
     for s in structured:
         name = f"structured-{round(s * 100)}-pt"
         say(f"{family.task}: {name}")
