@@ -6,11 +6,8 @@ shrinks by it while they fail) until a passing and a failing rate bracket the ca
 then bisects that bracket ``bisections`` times; never more than ``max_probes`` probes.
 ``measured_capacity`` probes by serving the deployment's config, scaled to the rate by
 ``loom.app.scenario.scenario`` (loose SLO: the config's bounds, no SLO change), with a
-policy of the runtime (``run_trace``) or a peer (``run_peer``).
-
-The fluid bound counts block time and the measured dispatch and hand-off costs, but not
-the rest of a request's way through Python at high rates; on a small host the runtime
-itself runs on the processors' cores, so the sustainable rate is found by running.
+policy of the runtime (``run_trace``) or a peer (``run_peer``). Why measured, not the
+fluid bound: the runtime's own Python shares the processors' cores (docs/app.md).
 """
 
 from __future__ import annotations

@@ -1,40 +1,10 @@
 """The runtime's own CPU cost per request, component by component (opt-in).
 
 An ``OverheadMeter`` given to ``Runtime(meter=...)`` accumulates ``time.thread_time_ns()``
-deltas (CPU time of the thread doing the work, so that waiting on a lock, a queue or a
-sleeping backend costs nothing) and counts, per component:
-
-- ``decision``: ``Scheduler.admit``: the candidates priced, a plan chosen, its segments
-  reserved (per request; with how many candidates were offered and priced);
-- ``submit``: the rest of ``Runtime.submit`` on the caller's thread: the inputs checked,
-  the request registered, the preloader told, segment 0 queued (per request);
-- ``begin``: a segment's job starting on its worker: the deadline check, its reservation
-  marked started (per segment);
-- ``block``: a block run *outside* the backend's own ``run``: the block fetched from the
-  cache (a load, when it is not resident, counts here too), its feeds picked, the spans
-  and the corrector fed, the segment's blocks held and released (per block run);
-- ``backend_run``: the backend's ``run`` itself, on the worker's thread (per block run):
-  not overhead, the reference it is compared to (for an engine whose threads are not the
-  caller's, it holds only the caller's share);
-- ``hand_off``: a segment that is not the last ending: its reservation released, the
-  prefetch check, the next segment queued on its processor (per hand-off);
-- ``completion``: the last segment ending: its reservation released, the prefetch check,
-  the outputs checked, the ``RequestRecord`` built and given to ``on_record``, the future
-  resolved (per completed request; a request ending in a backend error counts here too).
-
-Not counted: the worker loop's own queue operations and wake-up report
-(``loom.serving.edf``), and requests refused by an exception out of ``submit`` (a request
-the scheduler rejects counts in ``decision`` and ``submit``, which emits its record).
-
-Each reading of the thread clock costs CPU too (a system call, ~0.5 µs on a VM), and a
-measured interval holds part of its own readings: the meter measures that cost when made
-(``timer_ns``) and reports each component net of the readings inside it (``overhead_us``)
-as well as raw (``raw_us``). Means are swayed by rare long intervals (a garbage
-collection runs in whichever call allocates when it falls due), so the report also gives
-the median and p99 per unit (``p50_us``, ``p99_us``) over the first ``samples`` intervals
-of each component (a block's interval is its segment's, per block). When no meter is
-given the runtime's hot path pays one ``None`` check per site and nothing else; with one,
-a few readings per segment. Thread-safe: the workers report concurrently.
+deltas and counts per component (``decision``, ``submit``, ``begin``, ``block``,
+``backend_run``, ``hand_off``, ``completion``), net of the clock readings' own cost, with
+means, medians and p99 per unit. Without a meter the runtime pays one ``None`` check per
+site. What each component holds, and what is not counted: docs/serving.md, "Overhead".
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +20,11 @@ from loom.serving.metrics import RequestRecord, Status
 from loom.serving.scheduler import Decision, Reservation
 from placement.plan import Plan
 
-__all__ = ["InputSpec", "Request", "TaskBinding", "rejected_record"]
+if TYPE_CHECKING:
+    from backends.base import LoadedBlock
+    from loom.core.errors import BackendError
+
+__all__ = ["InputSpec", "Request", "SegmentJob", "TaskBinding", "rejected_record"]
 
 #: an input's dtype and shape (None: rank unknown; a None or str dim: any size)
 InputSpec = tuple[str, tuple[int | str | None, ...] | None]
@@ -165,3 +170,33 @@ def rejected_record(rid: int, binding: TaskBinding, policy: str, arrival_s: floa
         latency_ms=None, latency_bound_ms=bound_ms, accuracy_floor=binding.accuracy_floor, status="rejected",
         error=reason,
     )
+
+
+class SegmentJob:
+    """One segment of a request, as its processor's worker runs it: begin, execute, finish.
+
+    ``runtime`` is the ``Runtime`` whose phases it calls (a layer above this module).
+    A real worker calls it (the three phases in a row, on its thread); the simulator's
+    worker runs ``execute`` on a simulated clock and ``finish`` when that time has passed.
+    """
+
+    __slots__ = ("env", "i", "outcome", "req", "runtime")
+
+    def __init__(self, runtime: Any, req: Request, i: int, env: dict[str, np.ndarray]) -> None:
+        self.runtime, self.req, self.i, self.env = runtime, req, i, env
+        self.outcome: LoadedBlock | BackendError | None = None
+
+    def begin(self) -> bool:
+        return self.runtime._begin_segment(self.req, self.i)
+
+    def execute(self) -> None:
+        self.outcome = self.runtime._execute_segment(self.req, self.i, self.env)
+
+    def finish(self) -> None:
+        assert self.outcome is not None
+        self.runtime._finish_segment(self.req, self.i, self.env, self.outcome)
+
+    def __call__(self) -> None:
+        if self.begin():
+            self.execute()
+            self.finish()

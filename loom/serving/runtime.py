@@ -34,7 +34,7 @@ from loom.serving.metrics import RequestRecord, slo_status
 from loom.serving.overhead import OverheadMeter, cpu_ns
 from loom.serving.pool import WorkerPool
 from loom.serving.preload import Key, Preloader, plan_keys, planned_shares
-from loom.serving.requests import Request, TaskBinding, rejected_record
+from loom.serving.requests import Request, SegmentJob, TaskBinding, rejected_record
 from loom.serving.scheduler import Decision, Scheduler
 from placement.plan import Plan
 
@@ -99,9 +99,8 @@ class Runtime:
         meter: OverheadMeter | None = None,
     ) -> None:
         """``clock``: seconds for every time the runtime takes (default: since it was made);
-        ``pool``: the kind of worker pool (the simulator gives one of simulated workers);
-        ``meter``: measures the runtime's own CPU cost per request, component by component
-        (``loom.serving.overhead``; None: nothing measured, nothing paid)."""
+        ``pool``: the kind of worker pool (the simulator's is simulated); ``meter``: the
+        runtime's own CPU per request by component (``loom.serving.overhead``)."""
         if device is None and backends is None:
             raise ConfigError("runtime: give a device profile or a mapping of processor name -> backend")
         self.device = device
@@ -127,17 +126,18 @@ class Runtime:
         self._initial_mix = {t: dict(m) for t, m in (mix or {}).items()}
         self._init_state(clock)
         self._pool = self._make_pool(pool, given, float(prefetch_max_load_ms))
-        priced = self.preloader is not None  # loads are priced only under a budget: without one, blocks stay
-        self.scheduler = Scheduler(
-            self.processors, corrector=self.corrector, on_unservable=on_unservable,
-            resident=self._pool.is_resident if priced else None,
-            load_ms=self._pool.load_estimate_ms if priced else None,
-        )
+        self.scheduler = self._make_scheduler(on_unservable)
         try:
             self._start(tasks, given)
         except BaseException:
             self._pool.shutdown()
             raise
+
+    def _make_scheduler(self, on_unservable: str) -> Scheduler:
+        priced = self.preloader is not None  # loads are priced only under a budget: without one, blocks stay
+        return Scheduler(self.processors, corrector=self.corrector, on_unservable=on_unservable,
+                         resident=self._pool.is_resident if priced else None,
+                         load_ms=self._pool.load_estimate_ms if priced else None)
 
     def _init_state(self, clock: Callable[[], float] | None) -> None:
         """The clock, and the request bookkeeping, all guarded by ``_lock``."""
@@ -394,18 +394,17 @@ class Runtime:
         meter = self.meter
         t0 = cpu_ns() if meter is not None else 0
         self.scheduler.finish(req.reservations[i])
+        kind = "completion"
         if isinstance(outcome, BackendError):
             self._end(req, error=outcome)
-            kind = "completion"
+        elif i + 1 < len(req.segments):
+            self._pool.maybe_prefetch(req.segments[i][0])
+            if not req.ended:
+                self._enqueue(req, i + 1, env)
+            kind = "hand_off"
         else:
             self._pool.maybe_prefetch(req.segments[i][0])
-            if i + 1 < len(req.segments):
-                if not req.ended:
-                    self._enqueue(req, i + 1, env)
-                kind = "hand_off"
-            else:
-                self._deliver(req, outcome, env)
-                kind = "completion"
+            self._deliver(req, outcome, env)
         if meter is not None:
             meter.add(kind, cpu_ns() - t0)
 
@@ -431,11 +430,9 @@ class Runtime:
                 block = cache.get(block_id, protect)
                 t0 = self.now()
                 feeds = {n: env[n] for n in block.input_names if n in env}
-                if meter is None:
-                    out = backend.run(block, feeds)
-                else:
-                    r0 = cpu_ns()
-                    out = backend.run(block, feeds)
+                r0 = cpu_ns() if meter is not None else 0
+                out = backend.run(block, feeds)
+                if meter is not None:
                     run_ns += cpu_ns() - r0
                 t1 = self.now()
                 env.update(out)
@@ -575,32 +572,3 @@ class Runtime:
                 self.close(cancel=True)
         except Exception:
             pass
-
-
-class SegmentJob:
-    """One segment of a request, as its processor's worker runs it: begin, execute, finish.
-
-    A real worker calls it (the three phases in a row, on its thread); the simulator's
-    worker runs ``execute`` on a simulated clock and ``finish`` when that time has passed.
-    """
-
-    __slots__ = ("env", "i", "outcome", "req", "runtime")
-
-    def __init__(self, runtime: Runtime, req: Request, i: int, env: dict[str, np.ndarray]) -> None:
-        self.runtime, self.req, self.i, self.env = runtime, req, i, env
-        self.outcome: LoadedBlock | BackendError | None = None
-
-    def begin(self) -> bool:
-        return self.runtime._begin_segment(self.req, self.i)
-
-    def execute(self) -> None:
-        self.outcome = self.runtime._execute_segment(self.req, self.i, self.env)
-
-    def finish(self) -> None:
-        assert self.outcome is not None
-        self.runtime._finish_segment(self.req, self.i, self.env, self.outcome)
-
-    def __call__(self) -> None:
-        if self.begin():
-            self.execute()
-            self.finish()
