@@ -135,6 +135,24 @@ def accuracy_errors(est_rows: list, truth: dict[Config, float], pred: np.ndarray
     return float(np.mean(np.abs(pred - y)) * 100), spearman(pred, y)
 
 
+def curve_sample(strategy: str, names: list[str], k: int, pool: list[Config], n: int, seed: int) -> list[Config]:
+    """``n`` configs of ``pool`` (the stitched configs whose accuracy is known) by ``strategy``.
+
+    ``stratified`` balances variants over slots across the whole space; on a sampled truth
+    only the configs of the pool can be used, so its order is kept for those and the rest
+    is topped up at random from the pool.
+    """
+    if strategy == "random":
+        return random_sample(pool, n, seed)
+    members = set(pool)
+    order = [c for c in stratified_sample(names, k, len(names) ** k, seed, include_uniform=False) if c in members]
+    chosen = order[:n]
+    if len(chosen) < n:
+        taken = set(chosen)
+        chosen += [c for c in random_sample(pool, len(pool), seed) if c not in taken][: n - len(chosen)]
+    return chosen
+
+
 def learning_curve(part: Partition, truth: dict[Config, float], compat: Any, sizes: list[int], seeds: int) -> list[dict]:
     family = part.family()
     info = {v.name: v for v in family.variants}
@@ -151,9 +169,7 @@ def learning_curve(part: Partition, truth: dict[Config, float], compat: Any, siz
                     res = active_sample(stitched, rows_of, lambda cs: [truth[c] for c in cs], n, seed=seed, known=known)
                     measured = dict(zip(res.configs, res.values, strict=True))
                 else:
-                    chosen = (stratified_sample(names, part.k, n, seed, include_uniform=False) if strategy == "stratified"
-                              else random_sample(stitched, n, seed))
-                    measured = {c: truth[c] for c in chosen}
+                    measured = {c: truth[c] for c in curve_sample(strategy, names, part.k, stitched, n, seed)}
                 sample = AccuracySample(measured=measured, known=known, strategy=strategy, seconds=0.0)
                 est = fit_accuracy(family, sample, compat, random_state=seed)
                 test = [c for c in stitched if c not in measured]

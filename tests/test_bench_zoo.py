@@ -94,3 +94,18 @@ def test_estimator_truth_is_the_originals_plus_a_stated_sample():
     assert sum(len(set(c)) > 1 for c in configs) == 100
     assert configs == mod.truth_configs(part, 100, seed=0) != mod.truth_configs(part, 100, seed=1)
     assert len(mod.truth_configs(part, 0, seed=0)) == 1000  # 0: every config
+
+
+@pytest.mark.parametrize("strategy", ["stratified", "random"])
+def test_learning_curve_samples_only_configs_of_a_sampled_truth(strategy):
+    """On a sampled truth the curve's samples come from it (a stratified sample of the whole
+    space asked for accuracies the truth did not hold: a KeyError on the edge zoo)."""
+    from types import SimpleNamespace
+
+    names = [f"v{i}" for i in range(10)]
+    part = SimpleNamespace(variants={n: None for n in names}, k=3, task="t")
+    mod = script("bench_estimators")
+    pool = [c for c in mod.truth_configs(part, 100, seed=0) if len(set(c)) > 1]
+    for n in (10, 50, 100, 150):
+        chosen = mod.curve_sample(strategy, names, 3, pool, n, seed=1)
+        assert len(chosen) == min(n, len(pool)) == len(set(chosen)) and set(chosen) <= set(pool)
