@@ -123,8 +123,8 @@ def sim(d: Mapping[str, Any]) -> Figures:
             if r.get("measured_violation") is not None and r.get("simulated_violation") is not None]
     raw = [abs(r["measured_violation"] - r["raw_simulated_violation"]) for r in rows
            if r.get("measured_violation") is not None and r.get("raw_simulated_violation") is not None]
-    return {"simulated vs measured violations, mean |gap| (points)": _pct(_mean(gaps)),
-            "raw simulation, mean |gap| (points)": _pct(_mean(raw)),
+    return {"simulated vs measured violations, mean absolute gap (points)": _pct(_mean(gaps)),
+            "raw simulation, mean absolute gap (points)": _pct(_mean(raw)),
             "simulator speed (requests/s)": d.get("sim_requests_per_s")}
 
 
