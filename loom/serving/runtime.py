@@ -394,17 +394,15 @@ class Runtime:
         meter = self.meter
         t0 = cpu_ns() if meter is not None else 0
         self.scheduler.finish(req.reservations[i])
-        kind = "completion"
+        kind = "hand_off" if i + 1 < len(req.segments) and not isinstance(outcome, BackendError) else "completion"
         if isinstance(outcome, BackendError):
             self._end(req, error=outcome)
-        elif i + 1 < len(req.segments):
-            self._pool.maybe_prefetch(req.segments[i][0])
-            if not req.ended:
-                self._enqueue(req, i + 1, env)
-            kind = "hand_off"
         else:
             self._pool.maybe_prefetch(req.segments[i][0])
-            self._deliver(req, outcome, env)
+            if kind == "completion":
+                self._deliver(req, outcome, env)
+            elif not req.ended:
+                self._enqueue(req, i + 1, env)
         if meter is not None:
             meter.add(kind, cpu_ns() - t0)
 
